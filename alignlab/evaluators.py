@@ -1,0 +1,46 @@
+"""Held-out evaluation classifiers: trained once on real data (cached), never used for guidance.
+
+They answer "is this sample of the requested class?" (accuracy) and give the features for Frechet
+distances between generated and real samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cache, data, models, train
+
+_CODE = (models, train, data)
+
+
+def _fit_classifier(net, x, y, steps, lr, noise, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def loss(m, step):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        xb = x[idx] + noise * torch.randn(x[idx].shape, generator=g)  # robust to slightly noisy samples
+        return torch.nn.functional.cross_entropy(m(xb), y[idx], label_smoothing=0.05)
+
+    train.fit(net, loss, steps, lr=lr, weight_decay=1e-4, desc=f"train evaluator {type(net).__name__}")
+
+
+def digits_classifier(seed: int = 123, device="cpu") -> models.Classifier:
+    """MLP on the digits *train* split; ~97% on the test split."""
+    cfg = {"steps": 1500, "lr": 3e-3, "noise": 0.1, "seed": seed}
+    x, y = data.digits("train")
+    return cache.cached_module(
+        "digits_classifier", cfg, lambda: models.Classifier(64, 10, hidden=256, feature_dim=64),
+        lambda m: _fit_classifier(m, x.flatten(1), y, cfg["steps"], cfg["lr"], cfg["noise"], seed),
+        code=_CODE, device=device)
+
+
+def mnist1d_classifier(seed: int = 123, device="cpu") -> models.Classifier:
+    """Small 1-D CNN on MNIST-1D train signals."""
+    cfg = {"steps": 2500, "lr": 3e-3, "noise": 0.05, "seed": seed, "n": 5000}
+
+    def fit(m):
+        d = data.mnist1d(cfg["n"])  # generated only on a cache miss
+        _fit_classifier(m, d["x_train"], d["y_train"], cfg["steps"], cfg["lr"], cfg["noise"], seed)
+
+    return cache.cached_module("mnist1d_classifier", cfg, lambda: models.Classifier(40, 10, feature_dim=64, conv=True),
+                               fit, code=_CODE, device=device)

@@ -1,0 +1,98 @@
+"""The base generators the guidance notebooks share, trained once and cached (`alignlab.cache`).
+
+| name | data | model | objective |
+| --- | --- | --- | --- |
+| `digits_denoiser` | sklearn digits, train split, [-1, 1] | MLP (quick) / diffusers UNet (paper) | eps, linear betas, T = 1000 |
+| `ring_flow` | 8 Gaussians on a circle, one class each | MLP | rectified flow |
+| `mnist1d_denoiser` | MNIST-1D signals, standardised | MLP | v-prediction, zero-terminal-SNR (EzAudio's schedule) |
+
+Each returns `(model, schedule_or_None)`; the model is in eval mode on `device`.
+"""
+
+from __future__ import annotations
+
+from .. import cache, data, models, train
+from . import schedules
+from . import train as gtrain
+
+_CODE = (models, train, gtrain, schedules, data)
+
+
+def _check_scale(scale: str) -> None:
+    if scale not in ("quick", "paper"):
+        raise ValueError(f"unknown scale {scale!r}; valid scales: quick, paper")
+
+
+def digits_schedule() -> schedules.VPSchedule:
+    return schedules.VPSchedule.make(T=1000, beta_start=1e-4, beta_end=0.02, kind="linear", prediction="epsilon")
+
+
+def digits_denoiser(scale: str = "quick", seed: int = 0, device="cpu", steps: int | None = None):
+    """Class-conditional eps-denoiser of 8x8 digits with 10% label dropout. `steps` overrides the preset."""
+    _check_scale(scale)
+    cfg = {"quick": dict(arch="mlp", hidden=256, depth=3, steps=2000, batch=256, lr=2e-3),
+           "paper": dict(arch="unet", channels=(64, 128), steps=20000, batch=256, lr=1e-3)}[scale]
+    if steps is not None:
+        cfg["steps"] = steps
+    sched = digits_schedule()
+    x, y = data.digits("train")
+
+    def make():
+        if cfg["arch"] == "mlp":
+            return models.MLPDenoiser(64, 10, hidden=cfg["hidden"], depth=cfg["depth"])
+        return models.UNetDenoiser(8, 10, channels=cfg["channels"], layers=2, attention=True)
+
+    def fit(m):
+        m.to(device)
+        gtrain.train_denoiser(m, sched, x.to(device), y.to(device), cfg["steps"], cfg["batch"], cfg["lr"], seed=seed)
+
+    net = cache.cached_module("digits_denoiser", {**cfg, "seed": seed}, make, fit, code=_CODE, device=device)
+    return net, sched
+
+
+def ring_flow(scale: str = "quick", seed: int = 0, device="cpu", n_modes: int = 8):
+    """Rectified-flow velocity model of `n_modes` labelled Gaussians on a circle (radius 2, std 0.15)."""
+    _check_scale(scale)
+    cfg = {"quick": dict(hidden=128, depth=3, steps=3000, n=20000),
+           "paper": dict(hidden=256, depth=4, steps=20000, n=200000)}[scale]
+    cfg["n_modes"] = n_modes
+
+    def make():
+        return models.MLPDenoiser(2, n_modes, hidden=cfg["hidden"], depth=cfg["depth"], t_scale=1000.0)
+
+    def fit(m):
+        import torch
+
+        x, y = data.ring_mixture(cfg["n"], n_modes, generator=torch.Generator().manual_seed(seed))
+        m.to(device)
+        gtrain.train_flow(m, x.to(device), y.to(device), cfg["steps"], seed=seed)
+
+    return cache.cached_module("ring_flow", {**cfg, "seed": seed}, make, fit, code=_CODE, device=device), None
+
+
+def mnist1d_schedule() -> schedules.VPSchedule:
+    """EzAudio's scheduler: scaled-linear betas 0.00085..0.012, zero terminal SNR, v-prediction."""
+    return schedules.VPSchedule.make(T=1000, beta_start=0.00085, beta_end=0.012, kind="scaled_linear",
+                                     zero_snr=True, prediction="v_prediction")
+
+
+def mnist1d_denoiser(scale: str = "quick", seed: int = 0, device="cpu", steps: int | None = None):
+    """Class-conditional v-prediction denoiser of MNIST-1D signals on EzAudio's zero-SNR schedule."""
+    _check_scale(scale)
+    cfg = {"quick": dict(hidden=256, depth=3, steps=2500, batch=256, lr=2e-3, n=5000),
+           "paper": dict(hidden=512, depth=6, steps=30000, batch=512, lr=1e-3, n=50000)}[scale]
+    if steps is not None:
+        cfg["steps"] = steps
+    sched = mnist1d_schedule()
+
+    def make():
+        return models.MLPDenoiser(40, 10, hidden=cfg["hidden"], depth=cfg["depth"])
+
+    def fit(m):
+        d = data.mnist1d(cfg["n"])
+        m.to(device)
+        gtrain.train_denoiser(m, sched, d["x_train"].to(device), d["y_train"].to(device), cfg["steps"],
+                              cfg["batch"], cfg["lr"], seed=seed)
+
+    net = cache.cached_module("mnist1d_denoiser", {**cfg, "seed": seed}, make, fit, code=_CODE, device=device)
+    return net, sched

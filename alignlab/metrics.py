@@ -1,0 +1,57 @@
+r"""Metrics for generated samples. All take tensors and return Python floats.
+
+- `saturation`: fraction of values outside the data range by more than `tol` (the sampler does not clip).
+- `overshoot`: mean of $\max(0, |x| - 1)$ for data in [-1, 1]: how far, on average, values leave the range.
+- `std_ratio`: mean per-sample std of generated over real samples (> 1: "too loud", over-contrasted).
+- `frechet_distance`: $\|\mu_a-\mu_b\|^2 + \mathrm{tr}(\Sigma_a+\Sigma_b-2(\Sigma_a\Sigma_b)^{1/2})$ between feature sets.
+- `class_accuracy`: how often an evaluation classifier assigns the requested label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def saturation(x: torch.Tensor, low: float = -1.0, high: float = 1.0, tol: float = 0.05) -> float:
+    return ((x < low - tol) | (x > high + tol)).float().mean().item()
+
+
+def overshoot(x: torch.Tensor, low: float = -1.0, high: float = 1.0) -> float:
+    return (torch.relu(low - x) + torch.relu(x - high)).mean().item()
+
+
+def std_ratio(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.flatten(1).std(dim=1).mean() / ref.flatten(1).std(dim=1).mean()).item()
+
+
+def frechet_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, D) (FID's formula)."""
+    from scipy import linalg
+
+    a, b = (np.asarray(f.detach().cpu().double()) for f in (feat_a, feat_b))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"need two (N, D) feature sets with the same D, got {a.shape} and {b.shape}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise, as FID implementations do
+        eps = 1e-6 * np.eye(a.shape[1])
+        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean.real))
+
+
+@torch.no_grad()
+def class_accuracy(classifier, x: torch.Tensor, y: torch.Tensor, clip: tuple[float, float] | None = (-1.0, 1.0)) -> float:
+    """Fraction of samples the classifier puts in their requested class (inputs clipped to the data range)."""
+    if clip is not None:
+        x = x.clamp(*clip)
+    return (classifier(x).argmax(1) == y).float().mean().item()
+
+
+@torch.no_grad()
+def classifier_fd(classifier, x: torch.Tensor, ref: torch.Tensor, clip: tuple[float, float] | None = (-1.0, 1.0)) -> float:
+    """Frechet distance between generated and real samples in the evaluation classifier's features."""
+    if clip is not None:
+        x = x.clamp(*clip)
+    return frechet_distance(classifier.features(x), classifier.features(ref))

@@ -1,0 +1,41 @@
+"""One small training loop for every toy model: AdamW, one-cycle learning rate, optional EMA, text progress."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+
+from .runtime import Progress
+
+
+def fit(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torch.Tensor], steps: int,
+        lr: float = 2e-3, weight_decay: float = 0.0, ema: float | None = None, desc: str = "train",
+        progress: bool = True) -> list[float]:
+    """Minimise `loss_fn(model, step)` for `steps` steps, in place. With `ema`, the model ends with the
+    exponential moving average of its weights (decay `ema`). Returns the loss per step."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    avg = copy.deepcopy(model).requires_grad_(False) if ema else None
+    losses = []
+    bar = Progress(range(steps), desc, every=4, enabled=progress)
+    for step in bar:
+        loss = loss_fn(model, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if avg is not None:
+            with torch.no_grad():
+                for pa, p in zip(avg.parameters(), model.parameters()):
+                    pa.lerp_(p, 1 - ema)
+        bar.note(loss=sum(losses[-50:]) / len(losses[-50:]))
+    if avg is not None:
+        model.load_state_dict(avg.state_dict())
+    model.eval()
+    return losses
