@@ -34,7 +34,7 @@ def frechet_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> float:
         raise ValueError(f"need two (N, D) feature sets with the same D, got {a.shape} and {b.shape}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)  # (no `disp=`: deprecated in SciPy 1.16, removed in 1.18)
     if not np.isfinite(covmean).all():  # near-singular product: regularise, as FID implementations do
         eps = 1e-6 * np.eye(a.shape[1])
         covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))

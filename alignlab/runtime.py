@@ -150,11 +150,11 @@ def versions() -> dict[str, str]:
 def _jsonable(x):
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
-        return x.item() if x.numel() == 1 else x.tolist()
+        return _jsonable(x.item() if x.numel() == 1 else x.tolist())
     if isinstance(x, np.generic):
-        return x.item()
+        return _jsonable(x.item())
     if isinstance(x, np.ndarray):
-        return x.tolist()
+        return _jsonable(x.tolist())
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     if isinstance(x, dict):

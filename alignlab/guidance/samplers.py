@@ -58,7 +58,12 @@ def ddim_sample(model, schedule: VPSchedule, y: torch.Tensor, shape: tuple, guid
     x = torch.randn((len(y), *shape), generator=generator, device=device) if x_T is None else x_T.clone()
     out = Samples(x)
     pred_space = {v: k for k, v in SPACES.items()}[schedule.prediction]
-    for t, t_prev in schedule.timesteps(steps, spacing):
+    grid = schedule.timesteps(steps, spacing)
+    if rule.needs_uncond and rule.space == "eps" != pred_space and float(schedule.alphas_cumprod[grid[0][0]]) == 0:
+        raise ValueError(f"guidance in 'eps' space is undefined at alpha_bar = 0 (zero terminal SNR, t={grid[0][0]}): "
+                         "eps = x_t there whatever the model predicts, and x0 cannot be recovered (NaN); "
+                         "apply the rule in 'v' or 'x0' space, e.g. CFG(w, space='v')")
+    for t, t_prev in grid:
         ab, ab_prev = schedule.alpha_bar(t, x), schedule.alpha_bar(t_prev, x)
         tt = torch.full((len(y),), float(t), device=device)
         cond, uncond, nfe = guided_prediction(model, x, tt, y, rule)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -90,11 +91,12 @@ class VPSchedule:
             ts = [i * ratio + self.steps_offset for i in reversed(range(steps))]
             prev = [t - ratio for t in ts]
         elif spacing == "trailing":
-            ratio = T / steps
-            ts = [round(T - i * ratio) - 1 for i in range(steps)]
+            # numpy's own arange/round, as diffusers computes them (float error decides exact .5 ties);
+            # np.arange sometimes yields one extra (t = -1) entry there, which is dropped.
+            ts = (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)[:steps].tolist()
             prev = [t - T // steps for t in ts]
         elif spacing == "linspace":
-            ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().flip(0).tolist()
+            ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64).tolist()
             prev = [t - T // steps for t in ts]
         else:
             raise ValueError(f"unknown spacing {spacing!r}; valid: {SPACINGS}")

@@ -1,0 +1,312 @@
+"""Guidance rules (alignlab.guidance.rules): closed forms, and oracle tests against diffusers.guiders.
+
+Conventions checked here (see notes/anchors_and_tooling.md, 4b):
+- our cfg(..., "uncond") is diffusers' native guidance_scale; our "cond" form is diffusers'
+  use_original_formulation=True with the same number, and equals our "uncond" form at w + 1;
+- our apg(w) is diffusers' normalized_guidance(scale=w - 1, use_original_formulation=True);
+  our norm_threshold=inf (no cap) is diffusers' 0.
+"""
+
+import math
+
+import pytest
+import torch
+
+from alignlab.guidance import rules
+from alignlab.guidance.rules import APG, CFG, MomentumBuffer, Rule, apg, cfg, cfg_rescale, project
+
+guiders = pytest.importorskip("diffusers.guiders")
+from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance  # noqa: E402
+from diffusers.guiders import adaptive_projected_guidance as d_apg  # noqa: E402
+from diffusers.guiders.guider_utils import rescale_noise_cfg  # noqa: E402
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors: one thread is fastest, and immune to a busy machine (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SHAPE = (4, 3, 5, 5)  # batch of 4 "images"
+
+
+def pair(seed=0, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(shape, generator=g, dtype=torch.float64)
+    u = torch.randn(shape, generator=g, dtype=torch.float64)
+    return c, u
+
+
+def close(a, b, atol=1e-10, rtol=1e-10):
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+def per_sample_norm(x):
+    return x.flatten(1).norm(dim=1)
+
+
+# ----------------------------------------------------------------------------- cfg
+
+@pytest.mark.parametrize("w", [0.0, 0.5, 2.0, 3.0, 7.5, 15.0])
+def test_cfg_uncond_form_matches_diffusers_native(w):
+    c, u = pair(1)
+    ref = ClassifierFreeGuidance(guidance_scale=w).forward(pred_cond=c, pred_uncond=u).pred
+    close(cfg(c, u, w, "uncond"), ref)
+    close(cfg(c, u, w), u + w * (c - u))  # default formulation is "uncond"
+
+
+@pytest.mark.parametrize("w", [0.5, 1.0, 2.0, 7.5])
+def test_cfg_cond_form_matches_diffusers_original_formulation(w):
+    c, u = pair(2)
+    ref = ClassifierFreeGuidance(guidance_scale=w, use_original_formulation=True).forward(
+        pred_cond=c, pred_uncond=u).pred
+    close(cfg(c, u, w, "cond"), ref)
+    close(cfg(c, u, w, "cond"), c + w * (c - u))
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 3.0, 6.5])
+def test_cfg_weight_convention_differs_by_one(w):
+    c, u = pair(3)
+    close(cfg(c, u, w, "cond"), cfg(c, u, w + 1, "uncond"))
+    # and the same number does NOT mean the same rule in the two forms (the trap)
+    assert not torch.allclose(cfg(c, u, w, "cond"), cfg(c, u, w, "uncond"))
+
+
+def test_cfg_special_weights():
+    c, u = pair(4)
+    close(cfg(c, u, 1.0), c)          # w = 1: conditional model
+    close(cfg(c, u, 0.0), u)          # w = 0: unconditional model
+    close(cfg(c, u, 0.0, "cond"), c)  # Ho & Salimans w = 0: conditional model
+
+
+def test_cfg_unknown_formulation():
+    c, u = pair(5)
+    with pytest.raises(ValueError, match="uncond.*cond"):
+        cfg(c, u, 2.0, "Ho")
+
+
+# ----------------------------------------------------------------------------- cfg_rescale
+
+@pytest.mark.parametrize("phi", [0.0, 0.3, 0.7, 1.0])
+def test_cfg_rescale_matches_diffusers(phi):
+    c, u = pair(6)
+    w = 5.0
+    g = cfg(c, u, w)
+    close(cfg_rescale(g, c, phi), rescale_noise_cfg(g, c, guidance_rescale=phi))
+    if phi > 0:  # the guider applies the rescale after its own rule
+        ref = ClassifierFreeGuidance(guidance_scale=w, guidance_rescale=phi).forward(pred_cond=c, pred_uncond=u).pred
+        close(cfg_rescale(g, c, phi), ref)
+
+
+def test_cfg_rescale_closed_form():
+    c, u = pair(7)
+    g = cfg(c, u, 7.0)
+    close(cfg_rescale(g, c, 0.0), g)  # phi = 0 is a no-op
+    full = cfg_rescale(g, c, 1.0)     # phi = 1: per-sample std equals the conditional one
+    close(full.flatten(1).std(dim=1), c.flatten(1).std(dim=1))
+    ratio = full.flatten(1) / g.flatten(1)  # ... by a per-sample scalar
+    close(ratio, ratio[:, :1].expand_as(ratio))
+    half = cfg_rescale(g, c, 0.5)
+    close(half, 0.5 * full + 0.5 * g)
+
+
+@pytest.mark.parametrize("phi", [-0.1, 1.5])
+def test_cfg_rescale_rejects_phi_outside_unit_interval(phi):
+    c, u = pair(8)
+    with pytest.raises(ValueError, match="phi"):
+        cfg_rescale(c, u, phi)
+
+
+# ----------------------------------------------------------------------------- projection and momentum
+
+def test_project_decomposes_into_parallel_and_orthogonal():
+    v, onto = pair(9)
+    par, orth = project(v, onto)
+    close(par + orth, v)
+    dots = (orth * onto).flatten(1).sum(1)
+    close(dots, torch.zeros_like(dots), atol=1e-10, rtol=0)
+    # the parallel part is a per-sample multiple of `onto`: k = <v, onto> / |onto|^2
+    k = (v * onto).flatten(1).sum(1) / onto.flatten(1).pow(2).sum(1)
+    close(par, k.view(-1, 1, 1, 1) * onto)
+
+
+def test_project_keeps_dtype_and_computes_in_float64():
+    v, onto = (t.float() for t in pair(10))
+    par, orth = project(v, onto)
+    assert par.dtype == orth.dtype == torch.float32
+    par64, orth64 = project(v.double(), onto.double())
+    close(par, par64.float(), atol=1e-6, rtol=1e-6)
+    close(orth, orth64.float(), atol=1e-6, rtol=1e-6)
+
+
+def test_momentum_buffer_closed_form():
+    beta = -0.5
+    buf = MomentumBuffer(beta)
+    d = [torch.full((2, 3), float(i + 1), dtype=torch.float64) for i in range(3)]
+    for x in d:
+        out = buf.update(x)
+    close(out, d[2] + beta * d[1] + beta**2 * d[0])
+    close(buf.running, out)
+
+
+def test_momentum_buffer_matches_diffusers():
+    ours, theirs = MomentumBuffer(0.3), d_apg.MomentumBuffer(0.3)
+    for s in range(4):
+        x, _ = pair(20 + s)
+        ours.update(x)
+        theirs.update(x)
+        close(ours.running, theirs.running_average)
+
+
+# ----------------------------------------------------------------------------- apg
+
+APG_COMBOS = [  # (w, eta, r, beta)
+    (5.0, 0.0, math.inf, -0.5),
+    (5.0, 0.0, 15.0, -0.5),
+    (8.0, 1.0, 4.0, -0.75),
+    (3.0, 0.5, 2.5, 0.3),
+    (12.0, 0.25, math.inf, 0.5),
+    (1.5, 0.0, 1.0, -0.5),
+]
+
+
+@pytest.mark.parametrize("w,eta,r,beta", APG_COMBOS)
+def test_apg_matches_diffusers_normalized_guidance_with_momentum(w, eta, r, beta):
+    ours, theirs = MomentumBuffer(beta), d_apg.MomentumBuffer(beta)
+    clipped = False
+    for step in range(6):
+        c, u = pair(100 + step)
+        c = c + 0.5 * step  # a drifting prediction, like a sampler's
+        got = apg(c, u, w, eta=eta, norm_threshold=r, momentum=ours)
+        ref = d_apg.normalized_guidance(c, u, guidance_scale=w - 1, momentum_buffer=theirs, eta=eta,
+                                        norm_threshold=0.0 if math.isinf(r) else r,
+                                        use_original_formulation=True)
+        close(got, ref)
+        clipped |= bool((per_sample_norm(ours.running) > r).any())
+    if math.isfinite(r):
+        assert clipped, "the norm cap was never active: pick a smaller r for this case"
+
+
+@pytest.mark.parametrize("w,eta,r", [(5.0, 0.0, math.inf), (5.0, 0.0, 3.0), (9.0, 0.5, 6.0), (2.0, 1.0, 2.0)])
+def test_apg_matches_diffusers_guider_without_momentum(w, eta, r):
+    c, u = pair(11)
+    guider = AdaptiveProjectedGuidance(guidance_scale=w - 1, adaptive_projected_guidance_rescale=0.0 if math.isinf(r) else r,
+                                       eta=eta, use_original_formulation=True)
+    assert guider.momentum_buffer is None  # a bare forward() has no momentum
+    close(apg(c, u, w, eta=eta, norm_threshold=r), guider.forward(pred_cond=c, pred_uncond=u).pred)
+
+
+def test_diffusers_native_apg_is_not_the_paper_rule():
+    """Known convention difference: diffusers' default (use_original_formulation=False) computes
+    u + w * (orth + eta * par), not the paper's c + (w - 1) * (orth + eta * par)."""
+    c, u = pair(12)
+    w, eta = 5.0, 0.0
+    native = AdaptiveProjectedGuidance(guidance_scale=w, adaptive_projected_guidance_rescale=0.0, eta=eta).forward(
+        pred_cond=c, pred_uncond=u).pred
+    par, orth = project(c - u, c)
+    close(native, u + w * (orth + eta * par))
+    paper = apg(c, u, w, eta=eta)
+    close(paper, c + (w - 1) * (orth + eta * par))
+    assert (native - paper).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 2.5, 7.5, 20.0])
+def test_apg_with_eta_one_no_cap_no_momentum_is_cfg(w):
+    c, u = pair(13)
+    close(apg(c, u, w, eta=1.0, norm_threshold=math.inf, momentum=None), cfg(c, u, w), atol=1e-10, rtol=0)
+
+
+def test_apg_closed_forms():
+    c, u = pair(14)
+    d = c - u
+    par, orth = project(d, c)
+    close(apg(c, u, 4.0, eta=0.0), c + 3.0 * orth)   # eta = 0: only the orthogonal part
+    close(apg(c, u, 1.0, eta=0.3), c)                # w = 1: the conditional prediction
+    # the cap: with w = 2, eta = 1 the update is the capped difference, of norm min(|d|, r)
+    r = 0.5 * per_sample_norm(d).median().item()
+    out = apg(c, u, 2.0, eta=1.0, norm_threshold=r)
+    close(per_sample_norm(out - c), per_sample_norm(d).clamp(max=r))
+
+
+def test_apg_rejects_non_positive_threshold():
+    c, u = pair(15)
+    for r in (0.0, -1.0):
+        with pytest.raises(ValueError, match="norm_threshold"):
+            apg(c, u, 3.0, norm_threshold=r)
+
+
+# ----------------------------------------------------------------------------- rule objects
+
+def test_rule_base_class():
+    r = Rule()
+    assert r.space == "eps" and r.needs_uncond
+    r.reset()  # a no-op
+    with pytest.raises(NotImplementedError):
+        r(torch.zeros(1), torch.zeros(1))
+
+
+def test_cfg_rule():
+    c, u = pair(16)
+    rule = CFG(4.0)
+    assert rule.needs_uncond and rule.space == "eps"
+    close(rule(c, u), cfg(c, u, 4.0))
+    close(CFG(4.0, rescale=0.7)(c, u), cfg_rescale(cfg(c, u, 4.0), c, 0.7))
+    plain = CFG(1.0, space="x0")
+    assert not plain.needs_uncond and plain.space == "x0"
+    close(plain(c, None), c)  # w = 1 never looks at the uncond branch
+    assert repr(CFG(3, rescale=0.5)) == "CFG(w=3, rescale=0.5, space='eps')"
+    assert repr(CFG(3)) == "CFG(w=3, space='eps')"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(w=float("nan")), "finite"), (dict(w=math.inf), "finite"), (dict(w="7"), "finite"),
+    (dict(w=2.0, rescale=1.5), "rescale"), (dict(w=2.0, space="latent"), "eps.*x0"),
+])
+def test_cfg_rule_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CFG(**kwargs)
+
+
+def test_apg_rule_momentum_is_fresh_after_reset():
+    rule = APG(6.0, eta=0.0, norm_threshold=3.0, momentum=-0.5)
+    assert rule.space == "x0" and rule.needs_uncond
+    steps = [pair(200 + s) for s in range(3)]
+
+    def run():
+        rule.reset()
+        return [rule(c, u) for c, u in steps]
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        close(a, b)
+    buf = MomentumBuffer(-0.5)  # and the same as the function with one buffer for the run
+    for (c, u), got in zip(steps, first):
+        close(got, apg(c, u, 6.0, 0.0, 3.0, buf))
+
+
+def test_apg_rule_without_momentum_and_at_w_one():
+    c, u = pair(17)
+    rule = APG(3.0, eta=0.2, momentum=0.0)
+    rule.reset()
+    assert rule.buffer is None
+    close(rule(c, u), apg(c, u, 3.0, eta=0.2))
+    one = APG(1.0)
+    one.reset()
+    assert not one.needs_uncond
+    close(one(c, None), c)
+    assert repr(APG(5, momentum=-0.5)) == "APG(w=5, eta=0, r=inf, momentum=-0.5, space='x0')"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(w=float("nan")), "finite"), (dict(w=3.0, norm_threshold=0.0), "norm_threshold"),
+    (dict(w=3.0, norm_threshold=-2.0), "norm_threshold"), (dict(w=3.0, space="pixels"), "eps.*x0"),
+])
+def test_apg_rule_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        APG(**kwargs)
+
+
+def test_formulations_constant():
+    assert rules.FORMULATIONS == ("uncond", "cond")
