@@ -109,6 +109,14 @@ def cmd_run(args) -> int:
     out_dir.mkdir(exist_ok=True)
     out = out_dir / f"{paper.slug}-{args.scale}-seed{params.get('seed', 0)}.ipynb"
     print(f"running {paper.notebook} at scale {args.scale!r} with {params}\n  executed notebook -> {out}")
+    if args.verbose:  # stream the notebook's own output (training progress, claims) as it runs
+        import logging
+
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log = logging.getLogger("papermill")
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(nb.parent), kernel_name="python3",
                             log_output=args.verbose, progress_bar=not args.verbose and sys.stderr.isatty(),

@@ -26,7 +26,7 @@ def _fit_classifier(net, x, y, steps, lr, noise, seed):
 
 def digits_classifier(seed: int = 123, device="cpu") -> models.Classifier:
     """MLP on the digits *train* split; ~97% on the test split."""
-    cfg = {"steps": 1500, "lr": 3e-3, "noise": 0.1, "seed": seed}
+    cfg = {"steps": 800, "lr": 3e-3, "noise": 0.1, "seed": seed}
     x, y = data.digits("train")
     return cache.cached_module(
         "digits_classifier", cfg, lambda: models.Classifier(64, 10, hidden=256, feature_dim=64),

@@ -21,6 +21,7 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torch.
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     avg = copy.deepcopy(model).requires_grad_(False) if ema else None
+    params, avg_params = list(model.parameters()), list(avg.parameters()) if ema else []
     losses = []
     bar = Progress(range(steps), desc, every=4, enabled=progress)
     for step in bar:
@@ -32,8 +33,7 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torch.
         losses.append(loss.item())
         if avg is not None:
             with torch.no_grad():
-                for pa, p in zip(avg.parameters(), model.parameters()):
-                    pa.lerp_(p, 1 - ema)
+                torch._foreach_lerp_(avg_params, params, 1 - ema)
         bar.note(loss=sum(losses[-50:]) / len(losses[-50:]))
     if avg is not None:
         model.load_state_dict(avg.state_dict())

@@ -388,3 +388,12 @@ def test_get_and_resolve():
         papers.get("sinhala_english")                   # get() takes exact slugs only
     with pytest.raises(ValueError, match="alignlab list"):
         papers.resolve("qqqqqqqq")
+
+
+def test_package_loads_submodules_lazily():
+    import importlib
+
+    assert alignlab.metrics is importlib.import_module("alignlab.metrics")
+    assert "start" in alignlab.__all__ and "guidance" in alignlab.__all__
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        alignlab.nope  # noqa: B018

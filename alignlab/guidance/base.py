@@ -30,7 +30,7 @@ def digits_schedule() -> schedules.VPSchedule:
 def digits_denoiser(scale: str = "quick", seed: int = 0, device="cpu", steps: int | None = None):
     """Class-conditional eps-denoiser of 8x8 digits with 10% label dropout. `steps` overrides the preset."""
     _check_scale(scale)
-    cfg = {"quick": dict(arch="mlp", hidden=256, depth=3, steps=2000, batch=256, lr=2e-3),
+    cfg = {"quick": dict(arch="mlp", hidden=256, depth=3, steps=1500, batch=256, lr=2e-3),
            "paper": dict(arch="unet", channels=(64, 128), steps=20000, batch=256, lr=1e-3)}[scale]
     if steps is not None:
         cfg["steps"] = steps
