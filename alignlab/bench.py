@@ -31,19 +31,19 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def diffusers_ddim_loop(net, y, x_T, w: float, steps: int):
-    """The reference: CFG with diffusers' DDIMScheduler.step (no clipping, eta = 0)."""
+    """The reference: CFG on the v-prediction with diffusers' DDIMScheduler.step (no clipping, eta = 0)."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                          clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon")
+                          clip_sample=False, set_alpha_to_one=True, prediction_type="v_prediction")
     sched.set_timesteps(steps)
     x, n = x_T.clone(), len(y)
     y2 = torch.cat([y, torch.full_like(y, net.null_label)])
     with torch.no_grad():
         for t in sched.timesteps:
             e = net(torch.cat([x, x]), torch.full((2 * n,), float(t)), y2)
-            eps = e[n:] + w * (e[:n] - e[n:])
-            x = sched.step(eps, t, x, eta=0.0).prev_sample
+            v = e[n:] + w * (e[:n] - e[n:])
+            x = sched.step(v, t, x, eta=0.0).prev_sample
     return x
 
 

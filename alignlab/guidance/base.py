@@ -2,7 +2,7 @@
 
 | name | data | model | objective |
 | --- | --- | --- | --- |
-| `digits_denoiser` | sklearn digits, train split, [-1, 1] | MLP (quick) / diffusers UNet (paper) | eps, linear betas, T = 1000 |
+| `digits_denoiser` | sklearn digits, train split, [-1, 1] | MLP (quick) / diffusers UNet (paper) | v-prediction, linear betas, T = 1000 |
 | `ring_flow` | 8 Gaussians on a circle, one class each | MLP | rectified flow |
 | `mnist1d_denoiser` | MNIST-1D signals, standardised | MLP | v-prediction, zero-terminal-SNR (EzAudio's schedule) |
 
@@ -24,11 +24,13 @@ def _check_scale(scale: str) -> None:
 
 
 def digits_schedule() -> schedules.VPSchedule:
-    return schedules.VPSchedule.make(T=1000, beta_start=1e-4, beta_end=0.02, kind="linear", prediction="epsilon")
+    """DDPM's linear betas with v-prediction: at 1500 MLP steps an eps-model's unclipped DDIM samples had 1% of
+    pixels beyond +-2.7 even without guidance; the v-model's stay within +-1.3, so saturation measures guidance."""
+    return schedules.VPSchedule.make(T=1000, beta_start=1e-4, beta_end=0.02, kind="linear", prediction="v_prediction")
 
 
 def digits_denoiser(scale: str = "quick", seed: int = 0, device="cpu", steps: int | None = None):
-    """Class-conditional eps-denoiser of 8x8 digits with 10% label dropout. `steps` overrides the preset."""
+    """Class-conditional v-prediction denoiser of 8x8 digits, 10% label dropout. `steps` overrides the preset."""
     _check_scale(scale)
     cfg = {"quick": dict(arch="mlp", hidden=256, depth=3, steps=1500, batch=256, lr=2e-3),
            "paper": dict(arch="unet", channels=(64, 128), steps=20000, batch=256, lr=1e-3)}[scale]
