@@ -20,14 +20,17 @@ from .guidance.rules import APG, CFG
 from .guidance.samplers import ddim_sample
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _median_times(fns: dict, repeats: int) -> dict:
+    """Median wall time of each function, measured round-robin so that drifts in machine load hit all alike."""
+    for fn in fns.values():  # warm-up
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def diffusers_ddim_loop(net, y, x_T, w: float, steps: int):
@@ -71,10 +74,6 @@ def main(repeats: int = 5, n: int = 500, steps: int = 30, w: float = 8.0) -> int
         return ddim_sample(model, schedule, yy, (1, 8, 8), rule or CFG(w), steps=k, x_T=xT).x
 
     diff = (ours() - diffusers_ddim_loop(net, y, x_T, w, steps)).abs().max().item()
-    t_ours = _median_time(ours, repeats)
-    t_diff = _median_time(lambda: diffusers_ddim_loop(net, y, x_T, w, steps), repeats)
-    t_two = _median_time(lambda: ours(model=_TwoPasses(net)), repeats)
-    t_apg = _median_time(lambda: ours(APG(w, norm_threshold=2.0, momentum=-0.5)), repeats)
 
     import matplotlib
 
@@ -92,7 +91,14 @@ def main(repeats: int = 5, n: int = 500, steps: int = 30, w: float = 8.0) -> int
         fig.savefig(io.BytesIO(), format="png")
         plt.close(fig)
 
-    t_widget = _median_time(widget_update, repeats)
+    t = _median_times({
+        "ours": ours,
+        "diffusers": lambda: diffusers_ddim_loop(net, y, x_T, w, steps),
+        "two": lambda: ours(model=_TwoPasses(net)),
+        "apg": lambda: ours(APG(w, norm_threshold=2.0, momentum=-0.5)),
+        "widget": widget_update,
+    }, repeats)
+    t_ours, t_diff, t_two, t_apg, t_widget = (t[k] for k in ("ours", "diffusers", "two", "apg", "widget"))
 
     print(f"alignlab bench: digits MLP denoiser, {n} samples x {steps} DDIM steps, w = {w}, "
           f"{threads} torch threads, median of {repeats}")

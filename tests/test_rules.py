@@ -241,7 +241,7 @@ def test_apg_rejects_non_positive_threshold():
 
 def test_rule_base_class():
     r = Rule()
-    assert r.space == "eps" and r.needs_uncond
+    assert r.space == "model" and r.needs_uncond  # the model's own output space unless a rule says otherwise
     r.reset()  # a no-op
     with pytest.raises(NotImplementedError):
         r(torch.zeros(1), torch.zeros(1))
@@ -250,14 +250,14 @@ def test_rule_base_class():
 def test_cfg_rule():
     c, u = pair(16)
     rule = CFG(4.0)
-    assert rule.needs_uncond and rule.space == "eps"
+    assert rule.needs_uncond and rule.space == "model"
     close(rule(c, u), cfg(c, u, 4.0))
     close(CFG(4.0, rescale=0.7)(c, u), cfg_rescale(cfg(c, u, 4.0), c, 0.7))
     plain = CFG(1.0, space="x0")
     assert not plain.needs_uncond and plain.space == "x0"
     close(plain(c, None), c)  # w = 1 never looks at the uncond branch
-    assert repr(CFG(3, rescale=0.5)) == "CFG(w=3, rescale=0.5, space='eps')"
-    assert repr(CFG(3)) == "CFG(w=3, space='eps')"
+    assert repr(CFG(3, rescale=0.5)) == "CFG(w=3, rescale=0.5, space='model')"
+    assert repr(CFG(3)) == "CFG(w=3, space='model')"
 
 
 @pytest.mark.parametrize("kwargs,match", [

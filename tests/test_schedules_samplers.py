@@ -399,12 +399,12 @@ def test_ddim_rejects_eps_space_guidance_at_zero_snr():
     net, y = random_denoiser(), torch.tensor([0, 1])
     x_T = torch.randn(2, D, dtype=torch.float64)
     with pytest.raises(ValueError, match="'v' or 'x0'"):
-        ddim_sample(net, sched, y, (D,), guidance=CFG(3.0), steps=5, spacing="trailing", x_T=x_T)
-    for rule in (CFG(3.0, space="v"), APG(3.0), CFG(1.0)):  # these are defined, and finite
+        ddim_sample(net, sched, y, (D,), guidance=CFG(3.0, space="eps"), steps=5, spacing="trailing", x_T=x_T)
+    for rule in (CFG(3.0), CFG(3.0, space="v"), APG(3.0), CFG(1.0)):  # these are defined, and finite
         assert torch.isfinite(ddim_sample(net, sched, y, (D,), guidance=rule, steps=5, spacing="trailing",
                                           x_T=x_T).x).all()
     # leading spacing never visits t = T - 1, so eps-space guidance is fine there
-    assert torch.isfinite(ddim_sample(net, sched, y, (D,), guidance=CFG(3.0), steps=5, x_T=x_T).x).all()
+    assert torch.isfinite(ddim_sample(net, sched, y, (D,), guidance=CFG(3.0, space="eps"), steps=5, x_T=x_T).x).all()
 
 
 def test_ddim_generator_reproducibility():
@@ -557,7 +557,7 @@ def test_train_denoiser_and_train_flow_reduce_the_loss():
 
 def test_base_schedules():
     d = base.digits_schedule()
-    assert d.prediction == "epsilon" and d.T == 1000
+    assert d.prediction == "v_prediction" and d.T == 1000
     close(d.alphas_cumprod, VPSchedule.make().alphas_cumprod)
     m = base.mnist1d_schedule()
     ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
@@ -588,7 +588,7 @@ def test_base_generators_are_cached_and_returned_in_eval_mode(tmp_path, monkeypa
     monkeypatch.setattr(gtrain, "train_flow", fake_train)
     try:
         net, sched = base.digits_denoiser(steps=3)
-        assert isinstance(net, models.MLPDenoiser) and not net.training and sched.prediction == "epsilon"
+        assert isinstance(net, models.MLPDenoiser) and not net.training and sched.prediction == "v_prediction"
         assert len(calls) == 1
         assert torch.equal(net.out[1].bias, torch.full((64,), 0.25))
         cache.clear_memory()

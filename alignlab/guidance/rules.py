@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .schedules import SPACES
+from .schedules import GUIDANCE_SPACES
 
 FORMULATIONS = ("uncond", "cond")
 
@@ -87,11 +87,11 @@ def apg(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, w: float, eta: float
 # ----------------------------------------------------------------------------- rule objects for samplers
 
 class Rule:
-    """A guidance rule as a sampler uses it: `space` says which prediction space it acts in ("eps", "x0",
-    "v"), `needs_uncond` whether the unconditional branch must be evaluated, `reset()` starts a new
+    """A guidance rule as a sampler uses it: `space` says which prediction space it acts in ("model" for
+    the model's own output, or "eps", "x0", "v"), `needs_uncond` whether the unconditional branch must be evaluated, `reset()` starts a new
     sampling run (clearing per-run state such as APG's momentum), `__call__(cond, uncond)` combines."""
 
-    space = "eps"
+    space = "model"
     needs_uncond = True
 
     def reset(self) -> None:
@@ -102,8 +102,8 @@ class Rule:
 
 
 def _check_space(space: str) -> str:
-    if space not in SPACES:
-        raise ValueError(f"unknown guidance space {space!r}; valid: {tuple(SPACES)}")
+    if space not in GUIDANCE_SPACES:
+        raise ValueError(f"unknown guidance space {space!r}; valid: {GUIDANCE_SPACES}")
     return space
 
 
@@ -114,9 +114,12 @@ def _check_w(w: float) -> float:
 
 
 class CFG(Rule):
-    """CFG, u + w(c - u), optionally followed by Lin et al.'s std rescale with blend `rescale` (phi)."""
+    """CFG, u + w(c - u), optionally followed by Lin et al.'s std rescale with blend `rescale` (phi).
 
-    def __init__(self, w: float, rescale: float = 0.0, space: str = "eps"):
+    CFG is affine, so its result does not depend on the space; the rescale does (Lin et al. rescale the model
+    output, v for their models)."""
+
+    def __init__(self, w: float, rescale: float = 0.0, space: str = "model"):
         self.w, self.rescale, self.space = _check_w(w), rescale, _check_space(space)
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"rescale (phi) must be in [0, 1], got {rescale}")

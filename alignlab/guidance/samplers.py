@@ -58,13 +58,14 @@ def ddim_sample(model, schedule: VPSchedule, y: torch.Tensor, shape: tuple, guid
     x = torch.randn((len(y), *shape), generator=generator, device=device) if x_T is None else x_T.clone()
     out = Samples(x)
     pred_space = {v: k for k, v in SPACES.items()}[schedule.prediction]
+    space = pred_space if rule.space == "model" else rule.space
     grid = schedule.timesteps(steps, spacing)
-    if rule.needs_uncond and rule.space == "eps" != pred_space and float(schedule.alphas_cumprod[grid[0][0]]) == 0:
+    if rule.needs_uncond and space == "eps" != pred_space and schedule.alpha_bar_at(grid[0][0]) == 0:
         raise ValueError(f"guidance in 'eps' space is undefined at alpha_bar = 0 (zero terminal SNR, t={grid[0][0]}): "
                          "eps = x_t there whatever the model predicts, and x0 cannot be recovered (NaN); "
                          "apply the rule in 'v' or 'x0' space, e.g. CFG(w, space='v')")
     for t, t_prev in grid:
-        ab, ab_prev = schedule.alpha_bar(t, x), schedule.alpha_bar(t_prev, x)
+        ab, ab_prev = schedule.alpha_bar_at(t), schedule.alpha_bar_at(t_prev)  # floats: one level per step
         tt = torch.full((len(y),), float(t), device=device)
         cond, uncond, nfe = guided_prediction(model, x, tt, y, rule)
         out.nfe += nfe
@@ -72,16 +73,16 @@ def ddim_sample(model, schedule: VPSchedule, y: torch.Tensor, shape: tuple, guid
         if uncond is None:
             guided = cond
         else:
-            guided = rule(convert(x, cond, ab, pred_space, rule.space), convert(x, uncond, ab, pred_space, rule.space))
-            guided = convert(x, guided, ab, rule.space, pred_space)
+            guided = rule(convert(x, cond, ab, pred_space, space), convert(x, uncond, ab, pred_space, space))
+            guided = convert(x, guided, ab, space, pred_space)
         x0, eps = to_x0_eps(x, guided, ab, schedule.prediction)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
-            eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+            eps = (x - ab**0.5 * x0) / (1 - ab) ** 0.5
         if keep_x0:
             out.x0_path.append(x0.detach().cpu())
-        sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
-        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+        sigma = eta * ((1 - ab_prev) / (1 - ab)) ** 0.5 * (1 - ab / ab_prev) ** 0.5
+        x = ab_prev**0.5 * x0 + max(1 - ab_prev - sigma**2, 0.0) ** 0.5 * eps
         if eta > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator, device=device)
     out.x = x
@@ -94,7 +95,7 @@ def euler_sample(model, y: torch.Tensor, shape: tuple, guidance: Rule | None = N
     r"""Euler integration of a rectified-flow model from noise (t = 1) to data (t = 0).
 
     Convention: $x_t = (1-t)\,x_0 + t\,\epsilon$ and the model predicts the velocity $v = \epsilon - x_0$, so
-    $x_{t-h} = x_t - h\,v$. A rule with space "x0" sees $\hat x_0 = x_t - t\,v$; "eps"/"v" rules see v.
+    $x_{t-h} = x_t - h\,v$. A rule with space "x0" sees $\hat x_0 = x_t - t\,v$; "model" (or "v") rules see v.
     """
     rule = guidance if guidance is not None else CFG(1.0)
     rule.reset()
@@ -111,8 +112,10 @@ def euler_sample(model, y: torch.Tensor, shape: tuple, guidance: Rule | None = N
             v = cond
         elif rule.space == "x0":
             v = (x - rule(x - t * cond, x - t * uncond)) / t
-        else:
+        elif rule.space in ("model", "v"):
             v = rule(cond, uncond)
+        else:
+            raise ValueError(f"a flow model has no {rule.space!r} space; use 'model' (velocity) or 'x0'")
         x = x - (t - t_next) * v
     out.x = x
     return out

@@ -4,7 +4,8 @@ Forward process: $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsil
 - "epsilon":       $\epsilon$
 - "v_prediction":  $v = \sqrt{\bar\alpha_t}\,\epsilon - \sqrt{1-\bar\alpha_t}\,x_0$
 - "sample":        $x_0$
-Guidance rules may be applied in any of these spaces ("eps", "v", "x0"); `convert` moves between them.
+Guidance rules may be applied in any of these spaces ("eps", "v", "x0"); `convert` moves between them. Noise
+levels `ab` may be floats (one level for the batch, what samplers use) or broadcastable tensors.
 Timestep selection follows diffusers' DDIMScheduler exactly ("leading", "trailing", "linspace"), which the
 tests check, so a schedule here and a diffusers scheduler with the same config walk the same grid.
 """
@@ -18,6 +19,7 @@ import torch
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SPACES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+GUIDANCE_SPACES = ("model", *SPACES)  # "model": whatever the model predicts, no conversion
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -60,6 +62,10 @@ class VPSchedule:
     @property
     def T(self) -> int:
         return len(self.alphas_cumprod)
+
+    def alpha_bar_at(self, t: int) -> float:
+        """alpha_bar at one integer timestep as a float (t = -1: 1.0, the clean end of a DDIM grid)."""
+        return float(self.alphas_cumprod[t]) if t >= 0 else 1.0
 
     def alpha_bar(self, t, like: torch.Tensor) -> torch.Tensor:
         """alpha_bar at integer timesteps t (t = -1 means 'before the first step': 1.0), shaped to broadcast."""
@@ -106,11 +112,11 @@ class VPSchedule:
 def to_x0_eps(x, pred, ab, prediction: str):
     """(x0, eps) implied by a model output `pred` of type `prediction` at noise level ab."""
     if prediction == "epsilon":
-        return (x - (1 - ab).sqrt() * pred) / ab.sqrt(), pred
+        return (x - (1 - ab) ** 0.5 * pred) / ab ** 0.5, pred
     if prediction == "v_prediction":
-        return ab.sqrt() * x - (1 - ab).sqrt() * pred, (1 - ab).sqrt() * x + ab.sqrt() * pred
+        return ab ** 0.5 * x - (1 - ab) ** 0.5 * pred, (1 - ab) ** 0.5 * x + ab ** 0.5 * pred
     if prediction == "sample":
-        return pred, (x - ab.sqrt() * pred) / (1 - ab).sqrt()
+        return pred, (x - ab ** 0.5 * pred) / (1 - ab) ** 0.5
     raise ValueError(f"unknown prediction {prediction!r}; valid: {PREDICTIONS}")
 
 
@@ -118,7 +124,7 @@ def from_x0_eps(x0, eps, ab, prediction: str):
     if prediction == "epsilon":
         return eps
     if prediction == "v_prediction":
-        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+        return ab ** 0.5 * eps - (1 - ab) ** 0.5 * x0
     if prediction == "sample":
         return x0
     raise ValueError(f"unknown prediction {prediction!r}; valid: {PREDICTIONS}")
