@@ -7,6 +7,8 @@
 - Writes are atomic (temporary file + rename), and a file lock makes a second process (two notebooks
   running in parallel under pytest-xdist) wait for the first instead of training the same model again.
 - A corrupt or partial file is rebuilt with a warning, never a crash. Loads use `weights_only=True`.
+- A build runs on its own seeded random stream (`seed`, else one derived from the key) and leaves the caller's
+  global RNG untouched, so what a notebook draws next is the same on a cache hit and on a miss.
 - The location is ALIGNLAB_CACHE, else ~/.cache/alignlab.
 """
 
@@ -55,7 +57,14 @@ def _load(path: Path, map_location):
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def load_or_build(name: str, config: dict, build: Callable[[], Any], *, code=(), map_location="cpu") -> Any:
+def _seeded(seed: int, fn: Callable[[], Any]) -> Any:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn()
+
+
+def load_or_build(name: str, config: dict, build: Callable[[], Any], *, code=(), map_location="cpu",
+                  seed: int | None = None) -> Any:
     """Return the cached artifact for (name, config, code), building and storing it on a miss.
 
     `build()` must return something `torch.load(weights_only=True)` can read back: tensors, state dicts,
@@ -75,7 +84,7 @@ def load_or_build(name: str, config: dict, build: Callable[[], Any], *, code=(),
                               stacklevel=2)
                 path.unlink(missing_ok=True)
         if obj is None:
-            obj = build()
+            obj = _seeded(seed if seed is not None else int(path.stem[-8:], 16), build)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save(obj, tmp)
             os.replace(tmp, path)
@@ -84,16 +93,18 @@ def load_or_build(name: str, config: dict, build: Callable[[], Any], *, code=(),
 
 
 def cached_module(name: str, config: dict, make: Callable[[], torch.nn.Module],
-                  train: Callable[[torch.nn.Module], None], *, code=(), device="cpu") -> torch.nn.Module:
-    """A module built by `make()` and trained in place by `train(module)`, cached by its state dict."""
+                  train: Callable[[torch.nn.Module], None], *, code=(), device="cpu", seed: int | None = None
+                  ) -> torch.nn.Module:
+    """A module built by `make()` and trained in place by `train(module)`, cached by its state dict.
+    Its initial weights and training draw from the seeded stream of `load_or_build`."""
 
     def build():
         module = make()
         train(module)
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
-    state = load_or_build(name, config, build, code=code)
-    module = make()
+    state = load_or_build(name, config, build, code=code, seed=seed)
+    module = _seeded(0, make)  # the weights are overwritten; seeding keeps the caller's RNG untouched
     module.load_state_dict(state)
     return module.to(device).eval()
 

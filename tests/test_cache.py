@@ -191,3 +191,27 @@ def test_cached_module_round_trip(cache_dir):
     net2 = cache.cached_module("lin", {"v": 1}, make, lambda m: pytest.fail("must not retrain"), device="cpu")
     assert net2 is not net and not net2.training and net2.weight.device.type == "cpu"
     torch.testing.assert_close(net2(x), x @ torch.arange(6.0).view(2, 3).T - 1.0)
+
+
+def test_build_is_seeded_and_leaves_the_callers_rng_alone(tmp_path, monkeypatch):
+    """A cache miss must not change what the caller draws next, and the artifact must not depend on the
+    caller's RNG state (otherwise a notebook's results would depend on whether the cache was warm)."""
+    monkeypatch.setenv("ALIGNLAB_CACHE", str(tmp_path))
+    cache.clear_memory()
+
+    def make():
+        return torch.nn.Linear(3, 2)
+
+    torch.manual_seed(1)
+    a = cache.cached_module("seeded_a", {"k": 1}, make, lambda m: None, seed=7)
+    after_miss = torch.rand(3)
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    assert torch.equal(after_miss, expected)
+
+    torch.manual_seed(999)  # a different caller state, same seed: same weights
+    b = cache.cached_module("seeded_b", {"k": 1}, make, lambda m: None, seed=7)
+    assert torch.equal(a.weight, b.weight)
+    c = cache.cached_module("seeded_c", {"k": 1}, make, lambda m: None, seed=8)
+    assert not torch.equal(a.weight, c.weight)
+    cache.clear_memory()
