@@ -31,16 +31,16 @@ def digits_classifier(seed: int = 123, device="cpu") -> models.Classifier:
     return cache.cached_module(
         "digits_classifier", cfg, lambda: models.Classifier(64, 10, hidden=256, feature_dim=64),
         lambda m: _fit_classifier(m, x.flatten(1), y, cfg["steps"], cfg["lr"], cfg["noise"], seed),
-        code=_CODE, device=device)
+        code=_CODE, device=device, seed=seed)
 
 
 def mnist1d_classifier(seed: int = 123, device="cpu") -> models.Classifier:
-    """Small 1-D CNN on MNIST-1D train signals."""
-    cfg = {"steps": 2500, "lr": 3e-3, "noise": 0.05, "seed": seed, "n": 5000}
+    """Small 1-D CNN on MNIST-1D train signals; ~94% on the test split (1000 steps: 4 s on one CPU thread)."""
+    cfg = {"steps": 1000, "lr": 5e-3, "noise": 0.05, "seed": seed, "n": 5000}
 
     def fit(m):
         d = data.mnist1d(cfg["n"])  # generated only on a cache miss
         _fit_classifier(m, d["x_train"], d["y_train"], cfg["steps"], cfg["lr"], cfg["noise"], seed)
 
     return cache.cached_module("mnist1d_classifier", cfg, lambda: models.Classifier(40, 10, feature_dim=64, conv=True),
-                               fit, code=_CODE, device=device)
+                               fit, code=_CODE, device=device, seed=seed)

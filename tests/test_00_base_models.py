@@ -32,3 +32,24 @@ def test_digits_denoiser_follows_its_labels():
     assert acc3 >= 0.95, acc3      # and guidance sharpens it (the premise of every guidance notebook)
     real, _ = data.digits("test")
     assert metrics.classifier_fd(clf, x1, real) < metrics.classifier_fd(clf, torch.rand_like(x1) * 2 - 1, real)
+
+
+def test_mnist1d_evaluator_is_accurate_on_held_out_signals():
+    clf = evaluators.mnist1d_classifier()
+    d = data.mnist1d(5000)
+    assert metrics.class_accuracy(clf, d["x_test"], d["y_test"], clip=None) >= 0.9
+
+
+def test_mnist1d_denoiser_is_class_conditional_and_guidance_helps():
+    net, schedule = base.mnist1d_denoiser("quick")
+    clf = evaluators.mnist1d_classifier()
+    y = torch.arange(10).repeat_interleave(30)
+
+    def acc(w):
+        x = ddim_sample(net, schedule, y, (40,), CFG(w, space="v"), steps=30, spacing="trailing",
+                        generator=torch.Generator().manual_seed(0)).x
+        return metrics.class_accuracy(clf, x, y, clip=None)
+
+    a1, a3 = acc(1.0), acc(3.0)
+    assert a1 >= 0.3, a1          # chance is 0.1: the weak quick model still follows its labels
+    assert a3 >= a1 + 0.1, (a1, a3)

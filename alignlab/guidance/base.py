@@ -6,7 +6,8 @@
 | `ring_flow` | 8 Gaussians on a circle, one class each | MLP | rectified flow |
 | `mnist1d_denoiser` | MNIST-1D signals, standardised | MLP | v-prediction, zero-terminal-SNR (EzAudio's schedule) |
 
-Each returns `(model, schedule_or_None)`; the model is in eval mode on `device`.
+Each returns `(model, schedule_or_None)`; the model is in eval mode on `device`. `seed` fixes the initial
+weights and the training batches (the cache runs the build on its own seeded stream).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def digits_denoiser(scale: str = "quick", seed: int = 0, device="cpu", steps: in
         m.to(device)
         gtrain.train_denoiser(m, sched, x.to(device), y.to(device), cfg["steps"], cfg["batch"], cfg["lr"], seed=seed)
 
-    net = cache.cached_module("digits_denoiser", {**cfg, "seed": seed}, make, fit, code=_CODE, device=device)
+    net = cache.cached_module("digits_denoiser", {**cfg, "seed": seed}, make, fit, code=_CODE, device=device,
+                              seed=seed)
     return net, sched
 
 
@@ -69,7 +71,8 @@ def ring_flow(scale: str = "quick", seed: int = 0, device="cpu", n_modes: int = 
         m.to(device)
         gtrain.train_flow(m, x.to(device), y.to(device), cfg["steps"], seed=seed)
 
-    return cache.cached_module("ring_flow", {**cfg, "seed": seed}, make, fit, code=_CODE, device=device), None
+    net = cache.cached_module("ring_flow", {**cfg, "seed": seed}, make, fit, code=_CODE, device=device, seed=seed)
+    return net, None
 
 
 def mnist1d_schedule() -> schedules.VPSchedule:
@@ -81,7 +84,9 @@ def mnist1d_schedule() -> schedules.VPSchedule:
 def mnist1d_denoiser(scale: str = "quick", seed: int = 0, device="cpu", steps: int | None = None):
     """Class-conditional v-prediction denoiser of MNIST-1D signals on EzAudio's zero-SNR schedule."""
     _check_scale(scale)
-    cfg = {"quick": dict(hidden=256, depth=3, steps=2500, batch=256, lr=2e-3, n=5000),
+    # quick: small MLP, wide batches (1.5M examples seen, ~25 s on one CPU thread); on that budget it beat
+    # hidden 256 / depth 3 / batch 256 on class accuracy at w = 1 and 3 (measured for the EzAudio notebook)
+    cfg = {"quick": dict(hidden=128, depth=2, steps=1500, batch=1024, lr=5e-3, n=5000),
            "paper": dict(hidden=512, depth=6, steps=30000, batch=512, lr=1e-3, n=50000)}[scale]
     if steps is not None:
         cfg["steps"] = steps
@@ -96,5 +101,6 @@ def mnist1d_denoiser(scale: str = "quick", seed: int = 0, device="cpu", steps: i
         gtrain.train_denoiser(m, sched, d["x_train"].to(device), d["y_train"].to(device), cfg["steps"],
                               cfg["batch"], cfg["lr"], seed=seed)
 
-    net = cache.cached_module("mnist1d_denoiser", {**cfg, "seed": seed}, make, fit, code=_CODE, device=device)
+    net = cache.cached_module("mnist1d_denoiser", {**cfg, "seed": seed}, make, fit, code=_CODE, device=device,
+                              seed=seed)
     return net, sched
