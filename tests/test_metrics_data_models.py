@@ -11,15 +11,6 @@ from torch import nn
 from alignlab import cache, data, evaluators, metrics, models, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- metrics
 
 def test_saturation_counts_values_outside_the_range_plus_tol():

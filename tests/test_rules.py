@@ -20,14 +20,6 @@ from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance 
 from diffusers.guiders import adaptive_projected_guidance as d_apg  # noqa: E402
 from diffusers.guiders.guider_utils import rescale_noise_cfg  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 SHAPE = (4, 3, 5, 5)  # batch of 4 "images"
 

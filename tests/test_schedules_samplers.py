@@ -21,14 +21,6 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 D = 4          # per-sample dimension of the toy models
 N_CLASSES = 3
