@@ -317,3 +317,13 @@ def test_evaluators_are_cached_classifiers(tmp_path, monkeypatch):
         assert len(calls) == 2 and clf1d(torch.randn(2, 40)).shape == (2, 10)
     finally:
         cache.clear_memory()
+
+
+def test_pixel_fd_clips_like_a_saved_image_and_is_zero_for_identical_sets():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(400, 1, 4, 4, generator=g) * 2 - 1
+    assert metrics.pixel_fd(ref, ref) == pytest.approx(0.0, abs=1e-6)
+    louder = 3 * ref  # over-driven samples: clipping brings them back towards the range
+    assert metrics.pixel_fd(louder, ref) < metrics.pixel_fd(louder, ref, clip=None)
+    assert metrics.pixel_fd(louder, ref) == pytest.approx(
+        metrics.frechet_distance(louder.clamp(-1, 1).flatten(1), ref.flatten(1)))
