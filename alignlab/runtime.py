@@ -232,12 +232,11 @@ class Run:
             raise ClaimFailed(f"claim failed: {text}; measured {numbers or 'nothing'}")
         return ok
 
-    def finish(self) -> dict:
-        """Write figures/<slug>/run.json and print a one-line summary."""
+    def finish(self) -> None:
+        """Write figures/<slug>/run.json (read it back with `json.load` if needed) and print a summary line."""
         record = self._write("passed")
         print(f"{self.slug}: {len(self.claims)} claims passed, {len(self.figures)} figures, "
               f"{record['duration_s']:.1f} s -> {self.out_dir}")
-        return record
 
     def _write(self, status: str) -> dict:
         from .papers import get
