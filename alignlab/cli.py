@@ -91,6 +91,9 @@ def cmd_run(args) -> int:
     except ValueError as err:
         print(f"alignlab run: {err}", file=sys.stderr)
         return 2
+    if "scale" in params:
+        print("alignlab run: give the scale with --scale quick|paper, not -p scale=...", file=sys.stderr)
+        return 2
     if paper.status != "reproduced":
         print(f"alignlab run: {paper.slug} has no notebook yet (status: {paper.status})", file=sys.stderr)
         return 2
@@ -99,7 +102,7 @@ def cmd_run(args) -> int:
     root = _root()
     nb = root / paper.notebook
     declared = {p for p in pm.inspect_notebook(str(nb))}
-    unknown = sorted(set(params) - declared - {"scale"})
+    unknown = sorted(set(params) - declared)
     if unknown:
         print(f"alignlab run: unknown parameter(s) {unknown}; {paper.slug} takes: {', '.join(sorted(declared))}",
               file=sys.stderr)

@@ -46,6 +46,11 @@ def test_bad_scale_is_an_argparse_error():
         cli.main(["run", "apg", "--scale", "huge"])
 
 
+def test_scale_is_not_a_free_parameter(capsys):
+    assert cli.main(["run", "apg", "-p", "scale=paper"]) == 2
+    assert "--scale" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text, expected", [
     ("seed=3", ("seed", 3)),
     ("guidance_scales=[1, 5.5]", ("guidance_scales", [1, 5.5])),
