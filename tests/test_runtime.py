@@ -396,3 +396,18 @@ def test_package_loads_submodules_lazily():
     assert "start" in alignlab.__all__ and "guidance" in alignlab.__all__
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         alignlab.nope  # noqa: B018
+
+
+def test_importing_alignlab_stays_cheap():
+    """DESIGN: `import alignlab` (and its core modules) pulls in torch, numpy and matplotlib at most; diffusers,
+    transformers, trl and sentence-transformers load only inside the functions that need them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, alignlab, alignlab.runtime, alignlab.cache, alignlab.papers, alignlab.cli, alignlab.data, "
+            "alignlab.models, alignlab.metrics, alignlab.plotting, alignlab.widgets, alignlab.evaluators, "
+            "alignlab.train, alignlab.guidance.base, alignlab.guidance.samplers, alignlab.guidance.rules; "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'trl', 'sentence_transformers', 'papermill', "
+            "'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
