@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from pathlib import Path
 
 FAMILIES = {
     "guidance": "Guidance and generative alignment (diffusion, flow and autoregressive generators)",
@@ -126,7 +125,3 @@ def _near(name: str) -> str:
 
     close = [s for s in sorted(PAPERS, key=score, reverse=True)[:5] if score(s) >= 0.6]
     return f"did you mean: {', '.join(close)}?" if close else "see `alignlab list` for all slugs"
-
-
-def notebook_path(paper: Paper, root: Path) -> Path:
-    return root / paper.notebook

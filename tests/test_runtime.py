@@ -5,7 +5,6 @@ import os
 import random
 import re
 import socket
-import time
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
@@ -368,7 +367,6 @@ def test_paper_fields():
     assert p.family == "guidance" and p.year == 2025 and p.arxiv == "2410.02416"
     assert p.notebook == f"notebooks/guidance/{SLUG}.ipynb"
     assert p.url == "https://arxiv.org/abs/2410.02416"
-    assert papers.notebook_path(p, Path("/r")) == Path(f"/r/notebooks/guidance/{SLUG}.ipynb")
     assert p.status == "reproduced" and p.main_figure == "saturation_vs_scale"
     bare = papers.Paper("x", "guidance", "X", None, None, "v")
     assert bare.url is None and bare.status == "planned"

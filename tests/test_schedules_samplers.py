@@ -4,14 +4,12 @@ Oracles: diffusers' DDPMScheduler (betas), DDIMScheduler (timestep grids and the
 for point-mass and Gaussian data (where the exact denoiser / velocity is known).
 """
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
 from alignlab import models
-from alignlab.guidance import base, samplers, schedules
+from alignlab.guidance import base
 from alignlab.guidance import train as gtrain
 from alignlab.guidance.rules import APG, CFG, Rule, apg, cfg
 from alignlab.guidance.samplers import Samples, ddim_sample, euler_sample, guided_prediction
