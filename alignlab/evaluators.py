@@ -10,7 +10,7 @@ import torch
 
 from . import cache, data, models, train
 
-_CODE = (models, train, data)
+_CODE = (models, train, data)  # plus the fitting loop and each builder's own source
 
 
 def _fit_classifier(net, x, y, steps, lr, noise, seed):
@@ -31,7 +31,7 @@ def digits_classifier(seed: int = 123, device="cpu") -> models.Classifier:
     return cache.cached_module(
         "digits_classifier", cfg, lambda: models.Classifier(64, 10, hidden=256, feature_dim=64),
         lambda m: _fit_classifier(m, x.flatten(1), y, cfg["steps"], cfg["lr"], cfg["noise"], seed),
-        code=_CODE, device=device, seed=seed)
+        code=(*_CODE, _fit_classifier, digits_classifier), device=device, seed=seed)
 
 
 def mnist1d_classifier(seed: int = 123, device="cpu") -> models.Classifier:
@@ -43,4 +43,4 @@ def mnist1d_classifier(seed: int = 123, device="cpu") -> models.Classifier:
         _fit_classifier(m, d["x_train"], d["y_train"], cfg["steps"], cfg["lr"], cfg["noise"], seed)
 
     return cache.cached_module("mnist1d_classifier", cfg, lambda: models.Classifier(40, 10, feature_dim=64, conv=True),
-                               fit, code=_CODE, device=device, seed=seed)
+                               fit, code=(*_CODE, _fit_classifier, mnist1d_classifier), device=device, seed=seed)

@@ -215,3 +215,21 @@ def test_build_is_seeded_and_leaves_the_callers_rng_alone(tmp_path, monkeypatch)
     c = cache.cached_module("seeded_c", {"k": 1}, make, lambda m: None, seed=8)
     assert not torch.equal(a.weight, c.weight)
     cache.clear_memory()
+
+
+def test_base_model_keys_follow_their_builders_source(monkeypatch):
+    """Editing a builder (its preset or its make/fit) must retrain: each builder's source is in its cache key."""
+    from alignlab.guidance import base
+
+    seen = {}
+
+    def fake(name, config, make, train, *, code=(), device="cpu", seed=None):
+        seen[name] = code
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(cache, "cached_module", fake)
+    for builder in (base.digits_denoiser, base.ring_flow, base.mnist1d_denoiser):
+        with pytest.raises(RuntimeError):
+            builder("quick")
+    assert base.digits_denoiser in seen["digits_denoiser"] and base.ring_flow in seen["ring_flow"]
+    assert base.mnist1d_denoiser in seen["mnist1d_denoiser"]

@@ -16,7 +16,7 @@ from .. import cache, data, models, train
 from . import schedules
 from . import train as gtrain
 
-_CODE = (models, train, gtrain, schedules, data)
+_CODE = (models, train, gtrain, schedules, data)  # plus each builder's own source, so editing a preset retrains
 
 
 def _check_scale(scale: str) -> None:
@@ -49,8 +49,8 @@ def digits_denoiser(scale: str = "quick", seed: int = 0, device="cpu", steps: in
         m.to(device)
         gtrain.train_denoiser(m, sched, x.to(device), y.to(device), cfg["steps"], cfg["batch"], cfg["lr"], seed=seed)
 
-    net = cache.cached_module("digits_denoiser", {**cfg, "seed": seed}, make, fit, code=_CODE, device=device,
-                              seed=seed)
+    net = cache.cached_module("digits_denoiser", {**cfg, "seed": seed}, make, fit, code=(*_CODE, digits_denoiser),
+                              device=device, seed=seed)
     return net, sched
 
 
@@ -71,7 +71,8 @@ def ring_flow(scale: str = "quick", seed: int = 0, device="cpu", n_modes: int = 
         m.to(device)
         gtrain.train_flow(m, x.to(device), y.to(device), cfg["steps"], seed=seed)
 
-    net = cache.cached_module("ring_flow", {**cfg, "seed": seed}, make, fit, code=_CODE, device=device, seed=seed)
+    net = cache.cached_module("ring_flow", {**cfg, "seed": seed}, make, fit, code=(*_CODE, ring_flow), device=device,
+                              seed=seed)
     return net, None
 
 
@@ -101,6 +102,6 @@ def mnist1d_denoiser(scale: str = "quick", seed: int = 0, device="cpu", steps: i
         gtrain.train_denoiser(m, sched, d["x_train"].to(device), d["y_train"].to(device), cfg["steps"],
                               cfg["batch"], cfg["lr"], seed=seed)
 
-    net = cache.cached_module("mnist1d_denoiser", {**cfg, "seed": seed}, make, fit, code=_CODE, device=device,
-                              seed=seed)
+    net = cache.cached_module("mnist1d_denoiser", {**cfg, "seed": seed}, make, fit, code=(*_CODE, mnist1d_denoiser),
+                              device=device, seed=seed)
     return net, sched
