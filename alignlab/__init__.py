@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "cache", "cli", "data", "evaluators", "guidance", "llm_alignment", "lora", "metrics", "models", "papers",
-    "plotting", "runtime", "train", "widgets", "bench",
+    "plotting", "runtime", "text", "train", "widgets", "bench",
 }
 
 __all__ = ["start", "__version__", *sorted(_SUBMODULES)]
