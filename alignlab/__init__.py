@@ -10,8 +10,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "cache", "cli", "data", "evaluators", "guidance", "llm_alignment", "lora", "metrics", "models", "papers",
-    "plotting", "runtime", "text", "train", "widgets", "bench",
+    "cache", "cli", "cross_modal", "data", "evaluators", "guidance", "llm_alignment", "lora", "metrics", "models", "papers",
+    "plotting", "representation", "runtime", "text", "train", "widgets", "bench",
 }
 
 __all__ = ["start", "__version__", *sorted(_SUBMODULES)]

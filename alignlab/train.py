@@ -12,14 +12,20 @@ from .runtime import Progress
 
 def fit(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torch.Tensor], steps: int,
         lr: float = 2e-3, weight_decay: float = 0.0, ema: float | None = None, desc: str = "train",
-        progress: bool = True) -> list[float]:
+        progress: bool = True, groups: list[dict] | None = None) -> list[float]:
     """Minimise `loss_fn(model, step)` for `steps` steps, in place. With `ema`, the model ends with the
-    exponential moving average of its weights (decay `ema`). Returns the loss per step."""
+    exponential moving average of its weights (decay `ema`). Returns the loss per step.
+
+    `groups` gives parameter groups with their own peak learning rate, e.g.
+    `[{"params": net.body.parameters(), "lr": 1e-4}, {"params": net.head.parameters(), "lr": 1e-2}]`
+    (parameters left out are not trained); each group follows the same one-cycle shape."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    groups = [{"params": model.parameters(), "lr": lr}] if groups is None else [dict(g) for g in groups]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                total_steps=steps, pct_start=0.1)
     avg = copy.deepcopy(model).requires_grad_(False) if ema else None
     params, avg_params = list(model.parameters()), list(avg.parameters()) if ema else []
     losses = []
