@@ -94,7 +94,7 @@ def test_rcsls_loss_matches_its_definition_and_gradient():
         total += -2 * z[i] @ wx
         total += sum(sorted((nz @ wx).tolist())[-k:]) / k
         total += sum(sorted([(z[i] @ (W @ nx[j])).item() for j in range(9)])[-k:]) / k
-    assert E.rcsls_loss(W, x, z, nx, nz, k).item() == pytest.approx(total / 6, abs=1e-5)
+    assert E.rcsls_loss(W, x, z, nx, nz, k).item() == pytest.approx(float(total) / 6, abs=1e-5)
     # the gradient with neighbour sets held fixed (fastText's analytic form), by finite differences
     Wg = W.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(E.rcsls_loss(Wg, x, z, nx, nz, k), Wg)
