@@ -97,6 +97,7 @@ _OVERVIEWS = [
 _REPRODUCED = {
     "bco": "win_rates",
     "poft": "curves_by_noise",
+    "slca": "lr_sweep",
     "llm_alignment_survey_outer_inner": "outer_alignment_comparison",
     "apg_adaptive_projected_guidance": "saturation_vs_scale",
     "dynamic_cfg_online_feedback": "pareto_accuracy_fd",
