@@ -111,6 +111,7 @@ _REPRODUCED = {
     "reimagen_interleaved_cfg": "tradeoff_vs_ratio",
     "rlg_rl_guidance": "reward_vs_w",
     "cafa_tta": "error_vs_severity",
+    "clam": "silhouette_by_dataset",
 }
 
 PAPERS: dict[str, Paper] = {
