@@ -112,6 +112,7 @@ _REPRODUCED = {
     "rlg_rl_guidance": "reward_vs_w",
     "cafa_tta": "error_vs_severity",
     "clam": "silhouette_by_dataset",
+    "conala_mining": "pr_curves",
 }
 
 PAPERS: dict[str, Paper] = {

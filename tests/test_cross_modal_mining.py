@@ -194,3 +194,16 @@ def test_grouped_cross_validation_never_trains_on_the_test_group(world, monkeypa
     assert len(fits) == 4 and all(not (f & p) for f, p in zip(fits, preds))
     assert set().union(*preds) == set(table.gid)
     assert proba.shape == (len(table),) and ((proba >= 0) & (proba <= 1)).all()
+
+
+def test_page_styles_change_conventions_but_not_the_functions(pairs):
+    base, corpus = M.make_pages(pairs, n_pages=60, seed=5)
+    styles = {"text": {"p_import": 1.0, "p_usage": 0.0, "p_accepted": 1.0}}
+    styled, corpus2 = M.make_pages(pairs, n_pages=60, seed=5, styles=styles)
+    assert [p.name for p in corpus] == [p.name for p in corpus2]
+    assert [(p.name, p.family) for p in base] == [(p.name, p.family) for p in styled]
+    for pg in styled:
+        gold_answer = next(a for a in pg.answers if any(pg.gold in "\n".join(b) for b in a.blocks))
+        if pg.family == "text":
+            assert gold_answer.accepted
+            assert any(b[0].startswith("import ") and len(b) > 1 for b in gold_answer.blocks)

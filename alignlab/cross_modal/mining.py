@@ -240,19 +240,23 @@ def _wrapped(p: Pair, rng, p_import: float, p_usage: float) -> list[str]:
 
 
 def make_pages(pairs: list[Pair], n_pages: int, seed: int = 0, p_import: float = 0.4, p_usage: float = 0.35,
-               p_accepted: float = 0.65) -> tuple[list[Page], list[Pair]]:
+               p_accepted: float = 0.65, styles: dict | None = None) -> tuple[list[Page], list[Pair]]:
     """Split `pairs` per family into page functions (n_pages / families of them) and the rest (the parallel corpus
     for the translation models, disjoint from every page), and build one page per page function.
 
     A page: the aligned answer (its block = [import line] + function + [usage line] with probabilities
     `p_import`, `p_usage`; sometimes a separate import block before it or a usage block after it), a competing
     answer with another function (same module when possible), and sometimes a third answer with a usage snippet.
-    The aligned answer is the accepted one with probability `p_accepted`; answers are in random rank order."""
+    The aligned answer is the accepted one with probability `p_accepted`; answers are in random rank order.
+    `styles` = {family: {"p_import": .., "p_usage": .., "p_accepted": ..}} gives a family its own page conventions
+    (the same random draws are made whatever the probabilities, so the same functions become pages and the
+    corpus does not change)."""
     rng = np.random.default_rng(seed)
     families = sorted({p.family for p in pairs})
     pages, corpus = [], []
     per_family = n_pages // len(families)
     for fam in families:
+        st = {"p_import": p_import, "p_usage": p_usage, "p_accepted": p_accepted, **(styles or {}).get(fam, {})}
         fam_pairs = [p for p in pairs if p.family == fam]
         order = rng.permutation(len(fam_pairs))
         chosen = [fam_pairs[i] for i in order[:per_family]]
@@ -264,28 +268,28 @@ def make_pages(pairs: list[Pair], n_pages: int, seed: int = 0, p_import: float =
             gold_blocks = []
             if rng.random() < 0.2:
                 gold_blocks.append([_import(p)])
-            gold_blocks.append(_wrapped(p, rng, p_import, p_usage))
+            gold_blocks.append(_wrapped(p, rng, st["p_import"], st["p_usage"]))
             if rng.random() < 0.3:
                 gold_blocks.append([_usage(p)])
             answers = [Answer(gold_blocks)]
             same = [q for q in by_module[p.module] if q is not p]
             pool = same if same else [q for q in chosen if q is not p]
             other = pool[rng.integers(len(pool))]
-            other_blocks = [_wrapped(other, rng, p_import, p_usage)]
+            other_blocks = [_wrapped(other, rng, st["p_import"], st["p_usage"])]
             if rng.random() < 0.3:
                 other_blocks.append([_usage(other)])
             answers.append(Answer(other_blocks))
             if rng.random() < 0.5:
                 third = pool[rng.integers(len(pool))]
                 answers.append(Answer([[_import(third), f"result = {_usage(third)[6:-1]}"]]))
-            acc = 0 if rng.random() < p_accepted else int(rng.integers(1, len(answers)))
+            u, alt = rng.random(), int(rng.integers(1, len(answers)))
+            acc = 0 if u < st["p_accepted"] else alt
             answers[acc].accepted = True
             perm = rng.permutation(len(answers))
             answers = [answers[i] for i in perm]
             for r, a in enumerate(answers):
                 a.rank = r
-            pages.append(Page(len(pages), p.intent, p.module, fam, p.name, answers, normalize("\n".join(
-                p.code.split("\n")))))
+            pages.append(Page(len(pages), p.intent, p.module, fam, p.name, answers, normalize(p.code)))
     return pages, corpus
 
 
