@@ -111,6 +111,7 @@ _REPRODUCED = {
     "reimagen_interleaved_cfg": "tradeoff_vs_ratio",
     "rlg_rl_guidance": "reward_vs_w",
     "cafa_tta": "error_vs_severity",
+    "sinhala_english_alignment": "p_at_1_by_dictionary",
     "clam": "silhouette_by_dataset",
     "conala_mining": "pr_curves",
 }

@@ -170,7 +170,7 @@ def induce_dictionary(WX: torch.Tensor, Z: torch.Tensor, k: int = 10, max_rank: 
     s = csls(a, b, k, source=a)
     fwd = s.argmax(1)
     bwd = s.argmax(0)
-    i = torch.arange(len(a))
+    i = torch.arange(len(a), device=s.device)
     keep = bwd[fwd] == i
     return torch.stack([i[keep], fwd[keep]], 1)
 
