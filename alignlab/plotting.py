@@ -80,3 +80,32 @@ def signal_grid(x: torch.Tensor, labels=None, ncol: int = 5, axes=None, color=PA
             ax.set_title(str(labels[i]), fontsize=8)
         ax.tick_params(labelsize=6)
     return axes
+
+
+def frontier(points, x: str, y: str, method: str, ax=None, curve=None, curve_label: str = "predicted frontier",
+             connect: bool = False, annotate: str | None = None, styles: dict | None = None, title: str | None = None):
+    """A trade-off plane: each row of `points` is one trained model at (`x`, `y`), coloured by its `method`
+    (palette order of first appearance, markers cycling); `curve` (rows with the same `x`, `y` columns, sorted by
+    `x`) is the best achievable frontier drawn in grey. `connect` joins the points of each method in row order
+    (a sweep); `annotate` names a column whose value labels each point (NaN: no label)."""
+    ax = ax or plt.gca()
+    if curve is not None:
+        c = curve.sort_values(x)
+        ax.plot(c[x], c[y], color="0.55", lw=2, zorder=1, label=curve_label)
+    markers = "osD^vP*X"
+    for i, (key, d) in enumerate(points.groupby(method, sort=False)):
+        style = {"color": PALETTE[i % len(PALETTE)], "marker": markers[i % len(markers)], "ms": 7,
+                 "ls": "-" if connect and len(d) > 1 else "none", "lw": 1.5}
+        style.update((styles or {}).get(key, {}))
+        ax.plot(d[x], d[y], label=str(key), zorder=3, **style)
+        if annotate:
+            for _, row in d[d[annotate].notna()].iterrows():
+                ax.annotate(f"{row[annotate]:.2g}", (row[x], row[y]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7, color=style["color"])
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if title:
+        ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax

@@ -1,5 +1,5 @@
 """Tests of `alignlab.llm_alignment.noise` (SFT-data corruption, AUROC) and of the CE / PoFT epoch loop in
-`alignlab.llm_alignment.train` (`response_scores`, `sft_epochs`)."""
+`alignlab.llm_alignment.train.sft_epochs` and `lm.batched_logps(average=True)`."""
 
 import copy
 
@@ -73,10 +73,10 @@ def _tiny(world):
     return lm.build_tiny_lm(world.vocab_size, 1, 2, 16, n_positions=world.max_len + 4)
 
 
-def test_response_scores_is_length_normalised_logp(world, data):
+def test_batched_logps_average_is_length_normalised_logp(world, data):
     x, y = data
     m = _tiny(world)
-    s = lltrain.response_scores(m, x.ids[:10], y[:10], batch=3)
+    s = lm.batched_logps(m, x.ids[:10], y[:10], average=True, batch=3)
     b = lm.make_batch(x.ids[:10], y[:10])
     with torch.no_grad():
         ref = lm.sequence_logps(m, b) / torch.tensor([len(r) for r in y[:10]], dtype=torch.float32)
@@ -101,7 +101,7 @@ def test_sft_epochs_poft_gradient_is_tau_weighted_ce(world, data):
 def test_sft_epochs_history_and_learning(world, data):
     x, y = data
     m = _tiny(world)
-    before = lltrain.response_scores(m, x.ids, y).mean()
+    before = lm.batched_logps(m, x.ids, y, average=True).mean()
     ra = torch.full((len(y), 2), -1.0)
     calls = []
     hist = lltrain.sft_epochs(copy.deepcopy(m), x.ids, y, epochs=2, loss="ce", lr=3e-3, batch=32,
@@ -112,7 +112,7 @@ def test_sft_epochs_history_and_learning(world, data):
     hist = lltrain.sft_epochs(m2, x.ids, y, epochs=2, loss="poft", aligned=ra, lr=1e-2, batch=32,
                               schedule="cosine", progress=False)
     assert np.isfinite(hist[2]["tau"]).all() and ((hist[2]["tau"] > 0) & (hist[2]["tau"] < 1)).all()
-    assert lltrain.response_scores(m2, x.ids, y).mean() > before + 0.2
+    assert lm.batched_logps(m2, x.ids, y, average=True).mean() > before + 0.2
     with pytest.raises(ValueError):
         lltrain.sft_epochs(m, x.ids, y, epochs=1, loss="poft")
     with pytest.raises(ValueError):

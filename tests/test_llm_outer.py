@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignlab.llm_alignment import evaluation, lm, outer, world as W
-from alignlab.llm_alignment import train as T
+from alignlab.llm_alignment import preference
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,8 @@ def test_rlhf_and_dpo_and_rs_move_the_policy(w):
     pol = lm.frozen_copy(ref).requires_grad_(True)
     p = w.sample_prompts(16, seed=9)
     ya, yb = w.sample_responses(p, seed=10), w.sample_responses(p, seed=11)
-    hist = T.preference_fit(pol, ref, p.ids, ya, yb, 5, beta=0.1, batch=8)
+    hist = preference.preference_train(pol, ref, {"prompts": p.ids, "chosen": ya, "rejected": yb}, "dpo", steps=5,
+                                       beta=0.1, batch=8)["loss"]
     assert hist[0] == pytest.approx(np.log(2), abs=1e-5) and hist[-1] < hist[0]
     pol = lm.frozen_copy(ref).requires_grad_(True)
     d = outer.rejection_sampling_sft(pol, w, lambda x, y: w.gold(x, y), 8, 3, 2, batch=4)

@@ -27,14 +27,14 @@ def setup():
 
 
 def margin(model, ref, x, ya, yb):
-    d = P.batched_logps(model, x.ids, ya) - P.batched_logps(ref, x.ids, ya)
-    return (d - (P.batched_logps(model, x.ids, yb) - P.batched_logps(ref, x.ids, yb))).mean().item()
+    d = lm.batched_logps(model, x.ids, ya) - lm.batched_logps(ref, x.ids, ya)
+    return (d - (lm.batched_logps(model, x.ids, yb) - lm.batched_logps(ref, x.ids, yb))).mean().item()
 
 
 def test_batched_logps_matches_one_batch(setup):
     world, ref, x, ya, _ = setup
     full = lm.sequence_logps(ref, lm.make_batch(x.ids, ya))
-    assert torch.allclose(P.batched_logps(ref, x.ids, ya, batch=7), full, atol=1e-5)
+    assert torch.allclose(lm.batched_logps(ref, x.ids, ya, batch=7), full, atol=1e-5)
 
 
 def test_paired_to_unpaired():
@@ -43,11 +43,11 @@ def test_paired_to_unpaired():
     assert d["desirable"].tolist() == [True, True, False, False]
 
 
-@pytest.mark.parametrize("method", ["dpo", "bco", "bco_shift", "bco_udm", "kto"])
+@pytest.mark.parametrize("method", ["dpo", "ipo", "bco", "bco_shift", "bco_udm", "kto"])
 def test_preference_methods_raise_the_margin(setup, method):
     world, ref, x, ya, yb = setup
     paired = {"prompts": x.ids, "chosen": ya, "rejected": yb}
-    data = paired if method == "dpo" else {**P.paired_to_unpaired(paired), "weight": np.full(128, 2.0)}
+    data = paired if method in P.PAIRED else {**P.paired_to_unpaired(paired), "weight": np.full(128, 2.0)}
     pol = copy.deepcopy(ref)
     h = P.preference_train(pol, ref, data, method, steps=15, batch=32, lr=3e-3, beta=0.5, seed=0)
     assert np.isfinite(h["loss"]).all()
@@ -58,14 +58,28 @@ def test_preference_methods_raise_the_margin(setup, method):
         assert h["running_mean"]["mean"] == pytest.approx(rewards_seen)
     if method == "bco":
         assert set(h["delta"]) == {0.0}
+    if method in P.PAIRED:  # the first step starts at the reference: DPO's loss is log 2, IPO's 1/(2 beta)^2
+        assert h["loss"][0] == pytest.approx(np.log(2) if method == "dpo" else 1.0, abs=1e-5)
+
+
+def test_precomputed_reference_logps_give_the_same_run(setup):
+    world, ref, x, ya, yb = setup
+    paired = {"prompts": x.ids, "chosen": ya, "rejected": yb}
+    given = {**paired, "ref_chosen": lm.batched_logps(ref, x.ids, ya), "ref_rejected": lm.batched_logps(ref, x.ids, yb)}
+    runs = []
+    for data in (paired, given):
+        pol = copy.deepcopy(ref)
+        runs.append(P.preference_train(pol, ref, data, "dpo", steps=3, batch=16, lr=3e-3, seed=4)["loss"])
+    assert runs[0] == pytest.approx(runs[1], abs=1e-6)
 
 
 def test_sft_raises_desirable_likelihood(setup):
     world, ref, x, ya, yb = setup
     pol = copy.deepcopy(ref)
     data = P.paired_to_unpaired({"prompts": x.ids, "chosen": ya, "rejected": yb})
-    P.preference_train(pol, ref, data, "sft", steps=15, batch=32, lr=3e-3)
-    gain = (P.batched_logps(pol, x.ids, ya) - P.batched_logps(ref, x.ids, ya)).mean().item()
+    h = P.preference_train(pol, ref, data, "sft", steps=15, batch=32, lr=3e-3)
+    assert len(h["loss"]) == 15
+    gain = (lm.batched_logps(pol, x.ids, ya) - lm.batched_logps(ref, x.ids, ya)).mean().item()
     assert gain > 1.0
 
 

@@ -178,3 +178,19 @@ def test_slider_kinds():
     assert isinstance(widgets._slider("x", (1, 10, 1, 3.0)), W.FloatSlider)
     d = widgets._slider("m", ["a", "b"])
     assert isinstance(d, W.Dropdown) and d.value == "a" and d.description == "m"
+
+
+# ----------------------------------------------------------------------------- frontier
+def test_frontier_draws_one_series_per_method_and_the_curve():
+    pts = pd.DataFrame({"kl": [0.1, 0.2, 0.5, 0.3], "gold": [1.0, 1.5, 2.0, 0.5], "method": ["A", "A", "A", "B"],
+                        "b": [0.1, 0.2, 0.3, np.nan]})
+    curve = pd.DataFrame({"kl": [0.6, 0.0, 0.3], "gold": [2.5, 0.0, 1.8]})
+    fig, ax = plt.subplots()
+    plotting.frontier(pts, "kl", "gold", "method", ax=ax, curve=curve, connect=True, annotate="b")
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {"predicted frontier", "A", "B"}
+    assert list(lines["predicted frontier"].get_xdata()) == [0.0, 0.3, 0.6]   # sorted by x
+    assert lines["A"].get_linestyle() == "-" and lines["B"].get_linestyle() == "None"
+    assert lines["A"].get_color() != lines["B"].get_color()
+    assert len(ax.texts) == 4
+    plt.close(fig)

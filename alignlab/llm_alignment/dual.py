@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["margin_threshold", "dual_value", "dual_grad", "tilted_weights", "tilted_stats", "solve_dual",
-           "dual_pgd", "DualSolution", "pseudo_labels", "primal_dual_step", "pecan_threshold"]
+__all__ = ["margin_threshold", "dual_value", "dual_grad", "tilted_weights", "weighted_stats", "tilted_stats",
+           "solve_dual", "dual_pgd", "DualSolution", "pseudo_labels", "primal_dual_step", "pecan_threshold"]
 
 
 def _as2d(a) -> np.ndarray:
@@ -61,14 +61,21 @@ def tilted_weights(lam: float, R, G, beta: float) -> np.ndarray:
     return w / w.sum(axis=1, keepdims=True)
 
 
+def weighted_stats(w, **values) -> dict:
+    r"""Expectations of each [N, K] array in `values` under row weights `w` [N, K] (rows sum to 1), averaged
+    over the N prompts, and the KL of the reweighted samples to the uniform ones,
+    $\mathrm{KL} = \frac1N\sum_i\sum_k w_{ik}\log(K w_{ik})$ (the sample estimate of KL(pi_w || pi_ref))."""
+    w = _as2d(w)
+    out = {k: float(np.sum(w * _as2d(v), 1).mean()) for k, v in values.items()}
+    K = w.shape[1]
+    out["kl"] = float(np.sum(np.where(w > 0, w * np.log(np.maximum(w * K, 1e-300)), 0.0), 1).mean())
+    return out
+
+
 def tilted_stats(lam: float, R, G, beta: float) -> dict:
-    r"""Predicted $\mathbb E_{\pi_\lambda}[r]$, $\mathbb E_{\pi_\lambda}[g]$ and the sample estimate of
-    $\mathrm{KL}(\pi_\lambda\|\pi_{ref}) = \mathbb E_x \sum_k w_k \log(K w_k)$."""
-    R, G = _as2d(R), _as2d(G)
-    w = tilted_weights(lam, R, G, beta)
-    K = R.shape[1]
-    kl = np.sum(w * np.log(np.clip(w * K, 1e-300, None)), axis=1).mean()
-    return {"reward": float(np.sum(w * R, 1).mean()), "safety": float(np.sum(w * G, 1).mean()), "kl": float(kl)}
+    r"""Predicted $\mathbb E_{\pi_\lambda}[r]$ (`reward`), $\mathbb E_{\pi_\lambda}[g]$ (`safety`) and
+    $\mathrm{KL}(\pi_\lambda\|\pi_{ref})$ from the K reference samples (`weighted_stats` of `tilted_weights`)."""
+    return weighted_stats(tilted_weights(lam, R, G, beta), reward=R, safety=G)
 
 
 def dual_value(lam, R, G, threshold: float, beta: float) -> np.ndarray | float:

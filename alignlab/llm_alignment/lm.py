@@ -102,6 +102,16 @@ def sequence_logps(model, batch, *, average: bool = False) -> torch.Tensor:
     return lp.sum(-1) / batch["loss_mask"][:, 1:].to(lp.device).sum(-1).clamp(min=1)
 
 
+@torch.no_grad()
+def batched_logps(model, prompts, responses, *, average: bool = False, batch: int = 256,
+                  pad_id: int = 0) -> torch.Tensor:
+    """`sequence_logps` of every (prompt, response) row, without gradients, in chunks of `batch`: [N] on the
+    CPU. `average=True` gives the length-normalised (1/|y|) log pi(y | x)."""
+    out = [sequence_logps(model, make_batch(prompts[i:i + batch], responses[i:i + batch], pad_id=pad_id),
+                          average=average).cpu() for i in range(0, len(prompts), batch)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def token_kl(model, ref, batch) -> torch.Tensor:
     """Exact per-token KL(pi || ref) over the vocabulary at every response position: [B, T-1]
     (0 off the mask).

@@ -7,7 +7,7 @@ instance each.
 - **RLHF** (RL-based, non-recursive oversight): maximise $\mathbb E_{y\sim\pi}[r_\phi(x, y)] - \beta\,
   \mathrm{KL}(\pi\,\|\,\pi_{ref})$ by REINFORCE with a leave-one-out baseline on the KL-shaped reward
   $\tilde r = r_\phi - \beta(\log\pi - \log\pi_{ref})$ (`rlhf_reinforce`).
-- **DPO** (SL-based) on the same labelled pairs (`alignlab.llm_alignment.train.preference_fit`).
+- **DPO** (SL-based) on the same labelled pairs (`alignlab.llm_alignment.preference.preference_train`).
 - **Rejection-sampling SFT** (SL-based): SFT on the best of $n$ reference samples by $r_\phi$
   (`rejection_sampling_sft`).
 - The closed-form optimum of the RLHF objective,
@@ -145,13 +145,12 @@ def tilted_weights(rewards, beta: float, group: int) -> np.ndarray:
 
 
 def tilted_stats(weights, group: int, **values) -> dict:
-    r"""Expectations of each array in `values` under the tilted weights (mean over prompts) and the KL of
-    the
-    reweighted sample distribution to the uniform one, $\sum_i w_i\log(k\,w_i)$ per prompt, averaged."""
-    w = np.asarray(weights, float).reshape(-1, group)
-    out = {k: float((w * np.asarray(v, float).reshape(-1, group)).sum(1).mean()) for k, v in values.items()}
-    out["kl"] = float(np.sum(np.where(w > 0, w * np.log(np.maximum(w * group, 1e-300)), 0.0), 1).mean())
-    return out
+    r"""`dual.weighted_stats` for flat arrays grouped by prompt (`group` rows each): expectations of each array
+    in `values` under the tilted weights, and the KL $\sum_i w_i\log(k\,w_i)$ per prompt, averaged."""
+    def rows(a):
+        return np.asarray(a, float).reshape(-1, group)
+
+    return dual.weighted_stats(rows(weights), **{k: rows(v) for k, v in values.items()})
 
 
 def split_halves(world, responses) -> tuple[list, list]:

@@ -8,10 +8,14 @@ model for KTO's mismatched reference point).
 - unpaired: `{"prompts": [[ids]], "responses": [[ids]], "desirable": bool array[N],
   "weight": optional float array[N]}` (`weight` is BCO's UDM density-ratio weight, used on undesirable rows)
 
+Either may carry the frozen reference's log-probabilities (`"ref_chosen"`, `"ref_rejected"`; `"ref_logps"`) when
+several runs share one reference; otherwise they are computed here.
+
 `preference_train(policy, ref, data, method, ...)` with `method` one of
 
-    "sft"   cross-entropy on the desirable (or chosen) responses only
+    "sft"   `lm.sft` (token-mean cross-entropy) on the desirable (or chosen) responses only
     "dpo"   losses.dpo_loss on pairs
+    "ipo"   losses.ipo_loss on pairs
     "kto"   losses.kto_loss, z0 = kto_kl_estimate on the batch's mismatched (x_i, y_{i+1}) pairs
     "bco"   losses.bco_loss with the given fixed `delta` (0 by default)
     "bco_shift"  losses.bco_loss with delta = RunningMean of every reward seen (the paper's reward shift)
@@ -27,17 +31,10 @@ import torch
 
 from .. import train as train_mod
 from . import losses as L
-from .lm import make_batch, sequence_logps
+from .lm import batched_logps, make_batch, sequence_logps, sft
 
-METHODS = ("sft", "dpo", "kto", "bco", "bco_shift", "bco_udm")
-
-
-@torch.no_grad()
-def batched_logps(model, prompts, responses, batch: int = 256, pad_id: int = 0) -> torch.Tensor:
-    """log pi(y_i | x_i) (sum over response tokens) for all rows, in chunks of `batch`: [N]."""
-    out = [sequence_logps(model, make_batch(prompts[i:i + batch], responses[i:i + batch], pad_id=pad_id))
-           for i in range(0, len(prompts), batch)]
-    return torch.cat(out).cpu()
+METHODS = ("sft", "dpo", "ipo", "kto", "bco", "bco_shift", "bco_udm")
+PAIRED = ("dpo", "ipo")
 
 
 def paired_to_unpaired(data: dict) -> dict:
@@ -56,39 +53,46 @@ def preference_train(policy, ref, data: dict, method: str, *, steps: int = 100, 
     g = np.random.default_rng(seed)
     X = list(data["prompts"])
     paired = "chosen" in data
-    if paired != (method == "dpo") and method != "sft":
-        raise ValueError(f"{method!r} needs {'paired' if method == 'dpo' else 'unpaired'} data")
+    if paired != (method in PAIRED) and method != "sft":
+        raise ValueError(f"{method!r} needs {'paired' if method in PAIRED else 'unpaired'} data")
     hist = {"loss": [], "delta": [], "r_desirable": [], "r_undesirable": []}
+    if method == "sft":
+        Y = data["chosen"] if paired else [y for y, d in zip(data["responses"], data["desirable"]) if d]
+        Xs = X if paired else [x for x, d in zip(X, data["desirable"]) if d]
+        policy.requires_grad_(True)
+        hist["loss"] = sft(policy, Xs, list(Y), steps, batch, lr, pad_id, seed=seed, progress=progress)
+        policy.requires_grad_(False)
+        return hist
+
+    def ref_logps(key, responses):
+        return torch.as_tensor(data[key]) if key in data else batched_logps(ref, X, responses, pad_id=pad_id)
+
     if paired:
         Yw, Yl = list(data["chosen"]), list(data["rejected"])
-        ref_w, ref_l = batched_logps(ref, X, Yw, pad_id=pad_id), batched_logps(ref, X, Yl, pad_id=pad_id)
-        if method == "sft":
-            data = {"prompts": X, "responses": Yw, "desirable": np.ones(len(X), bool)}
-    if not paired or method == "sft":
+        ref_w, ref_l = ref_logps("ref_chosen", Yw), ref_logps("ref_rejected", Yl)
+    else:
         Y, des = list(data["responses"]), np.asarray(data["desirable"], bool)
         w = torch.as_tensor(np.asarray(data.get("weight", np.ones(len(Y))), float), dtype=torch.float32)
-        pool = np.flatnonzero(des) if method == "sft" else np.arange(len(Y))
-        ref_lp = None if method == "sft" else batched_logps(ref, X, Y, pad_id=pad_id)
+        ref_lp = ref_logps("ref_logps", Y)
     running = L.RunningMean()
 
     def loss_fn(model, step):
-        if method == "dpo":
+        if paired:
             idx = g.integers(0, len(X), batch)
             xs = [X[i] for i in idx]
             lp = sequence_logps(model, make_batch(xs + xs, [Yw[i] for i in idx] + [Yl[i] for i in idx],
                                                   pad_id=pad_id))
-            loss, rw, rl = L.dpo_loss(lp[:batch], lp[batch:], ref_w[idx], ref_l[idx], beta)
-            hist["r_desirable"].append(rw.mean().item())
-            hist["r_undesirable"].append(rl.mean().item())
+            pw, pl = lp[:batch], lp[batch:]
+            if method == "dpo":
+                loss = L.dpo_loss(pw, pl, ref_w[idx], ref_l[idx], beta)[0]
+            else:
+                loss = L.ipo_loss(pw, pl, ref_w[idx], ref_l[idx], beta)
+            hist["r_desirable"].append(beta * (pw.detach() - ref_w[idx]).mean().item())
+            hist["r_undesirable"].append(beta * (pl.detach() - ref_l[idx]).mean().item())
             hist["loss"].append(loss.item())
             return loss
-        idx = pool[g.integers(0, len(pool), batch)]
+        idx = g.integers(0, len(Y), batch)
         xs, ys = [X[i] for i in idx], [Y[i] for i in idx]
-        if method == "sft":
-            b = make_batch(xs, ys, pad_id=pad_id)
-            loss = -sequence_logps(model, b).sum() / b["loss_mask"][:, 1:].sum().clamp(min=1)
-            hist["loss"].append(loss.item())
-            return loss
         d = torch.as_tensor(des[idx])
         pi = sequence_logps(model, make_batch(xs, ys, pad_id=pad_id))
         r = beta * (pi.detach() - ref_lp[idx])

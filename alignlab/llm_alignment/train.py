@@ -1,58 +1,18 @@
-"""A training loop for pairwise preference losses on the tiny LMs (shared by the LLM-alignment notebooks)."""
+"""Epoch-based SFT with a per-sample loss (plain length-normalised CE, or PoFT) on the tiny LMs, with an
+evaluation after every epoch. Step-based preference training is `preference.preference_train`."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .. import train as base_train
 from . import lm, losses
 
-__all__ = ["preference_fit"]
-
-
-def preference_fit(policy, ref, prompts: list, chosen: list, rejected: list, steps: int, *, beta: float = 0.1,
-                   loss: str = "dpo", batch: int = 64, lr: float = 1e-3, pad_id: int = 0, seed: int = 0,
-                   progress: bool = False) -> list[float]:
-    """Minimise a pairwise preference loss (`"dpo"`: `losses.dpo_loss`, `"ipo"`: `losses.ipo_loss`) over
-    (prompt, chosen, rejected) triples, in place on `policy`; the reference log-probabilities are computed once.
-    Minibatches of `batch` pairs drawn with `seed`. Returns the loss per step."""
-    n = len(prompts)
-    with torch.no_grad():
-        ref_w = lm.sequence_logps(ref, lm.make_batch(prompts, chosen, pad_id=pad_id))
-        ref_l = lm.sequence_logps(ref, lm.make_batch(prompts, rejected, pad_id=pad_id))
-    g = np.random.default_rng(seed)
-
-    def loss_fn(m, step):
-        idx = g.choice(n, min(batch, n), replace=False)
-        b = lm.make_batch([prompts[i] for i in idx] * 2, [chosen[i] for i in idx] + [rejected[i] for i in idx],
-                          pad_id=pad_id)
-        lp = lm.sequence_logps(m, b)
-        pw, pl = lp[:len(idx)], lp[len(idx):]
-        if loss == "dpo":
-            return losses.dpo_loss(pw, pl, ref_w[idx], ref_l[idx], beta)[0]
-        if loss == "ipo":
-            return losses.ipo_loss(pw, pl, ref_w[idx], ref_l[idx], beta)
-        raise ValueError(f"loss must be 'dpo' or 'ipo', got {loss!r}")
-
-    out = base_train.fit(policy, loss_fn, steps, lr=lr, desc=loss, progress=progress)
-    policy.eval()
-    return out
+__all__ = ["sft_epochs", "SFT_LOSSES"]
 
 
 # ---------------------------------------------------------------- per-sample SFT losses over epochs (CE / PoFT)
 SFT_LOSSES = ("ce", "poft")
-
-
-@torch.no_grad()
-def response_scores(model, prompts, responses, *, batch: int = 512, pad_id: int = 0) -> torch.Tensor:
-    """Length-normalised log-likelihood (1/|y|) log pi(y | x) of every response under `model`: [N] (CPU)."""
-    model.eval()
-    out = []
-    for s in range(0, len(responses), batch):
-        b = lm.make_batch(prompts[s:s + batch], responses[s:s + batch], pad_id=pad_id)
-        out.append(lm.sequence_logps(model, b, average=True).cpu())
-    return torch.cat(out)
 
 
 def sft_epochs(model, prompts, responses, *, epochs: int, loss: str = "ce", aligned=None, lr: float = 1e-3,
