@@ -114,6 +114,7 @@ _REPRODUCED = {
     "sinhala_english_alignment": "p_at_1_by_dictionary",
     "clam": "silhouette_by_dataset",
     "conala_mining": "pr_curves",
+    "lmc_weight_matching": "barrier_and_alignment",
 }
 
 PAPERS: dict[str, Paper] = {

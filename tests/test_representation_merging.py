@@ -1,4 +1,5 @@
-"""Tests of alignlab.representation.merging: permutation symmetry, weight/activation matching, barriers, SVD."""
+"""Tests of alignlab.representation.merging: permutation symmetry, weight/activation matching, barriers,
+singular values."""
 
 import numpy as np
 import pytest

@@ -1,9 +1,9 @@
 """Permutation alignment and merging of ReLU MLPs (Git Re-Basin's weight and activation matching) and the
 singular-vector view of linear mode connectivity (Ito, Yamada, Kumagai 2024).
 
-An MLP is a parameter dict {"W0", "b0", ..., "WL", "bL"} (float64 tensors): hidden layers 0..L-1 with ReLU, then
-the linear output layer L, `forward(p, x) = W_L relu(... relu(W_0 x + b_0) ...) + b_L`. A permutation is a
-list of L index tensors, one per hidden layer; `permute(p, perms)` reorders hidden unit i <- perms[l][i]:
+An MLP is a parameter dict {"W0", "b0", ..., "WL", "bL"} (float64 tensors): hidden layers 0..L-1 with ReLU,
+then the linear output layer L, `forward(p, x) = W_L relu(... relu(W_0 x + b_0) ...) + b_L`. A permutation is
+a list of L index tensors, one per hidden layer; `permute(p, perms)` reorders hidden unit i <- perms[l][i]:
     W_l <- P_l W_l P_{l-1}^T,  b_l <- P_l b_l   (P_{-1} = P_L = I: inputs and outputs are never permuted),
 which leaves the function unchanged and every singular value of every W_l unchanged.
 """
@@ -20,7 +20,7 @@ from scipy.optimize import linear_sum_assignment
 Params = dict[str, torch.Tensor]
 
 
-# -- parameter dicts ------------------------------------------------------------------------------------------------
+# -- parameter dicts -----------------------------------------------------------------------------------------
 def mlp_params(model: torch.nn.Module, dtype=torch.float64) -> Params:
     """The Linear layers of `nets.MLP(..., bn=False)` (body then head) as {"W0", "b0", ..., "WL", "bL"}."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -55,7 +55,8 @@ def identity_perms(p: Params) -> list[torch.Tensor]:
 
 
 def permute(p: Params, perms: Sequence[torch.Tensor]) -> Params:
-    """pi(p): W_l <- P_l W_l P_{l-1}^T, b_l <- P_l b_l with (P_l h)_i = h_{perms[l][i]}; the function is unchanged."""
+    """pi(p): W_l <- P_l W_l P_{l-1}^T, b_l <- P_l b_l with (P_l h)_i = h_{perms[l][i]}.
+    The function is unchanged."""
     L = n_hidden(p)
     if len(perms) != L:
         raise ValueError(f"need {L} permutations, got {len(perms)}")
@@ -103,7 +104,7 @@ def inner(pa: Params, pb: Params) -> float:
     return float(flat(pa) @ flat(pb))
 
 
-# -- permutation search ----------------------------------------------------------------------------------------------
+# -- permutation search --------------------------------------------------------------------------------------
 def _assignment(score: torch.Tensor) -> torch.Tensor:
     _, col = linear_sum_assignment(score.detach().cpu().numpy(), maximize=True)
     return torch.as_tensor(col, dtype=torch.long)
@@ -111,11 +112,13 @@ def _assignment(score: torch.Tensor) -> torch.Tensor:
 
 def weight_matching(pa: Params, pb: Params, max_sweeps: int = 100, seed: int = 0,
                     init: Sequence[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], dict]:
-    """Weight matching (Ainsworth et al. 2023): maximise sum_l <W_l^a, P_l W_l^b P_{l-1}^T>_F + <b_l^a, P_l b_l^b>
+    """Weight matching (Ainsworth et al. 2023): maximise
+        sum_l <W_l^a, P_l W_l^b P_{l-1}^T>_F + <b_l^a, P_l b_l^b>
     (= minimise ||theta_a - pi(theta_b)||, since permutations keep ||theta_b||) by coordinate descent.
 
     With the other permutations fixed, P_l only enters layers l and l+1, and the objective is linear in P_l:
-        S_l[i, j] = <W_l^a[i], (W_l^b P_{l-1}^T)[j]> + b_l^a[i] b_l^b[j] + <W_{l+1}^a[:, i], (P_{l+1} W_{l+1}^b)[:, j]>,
+        S_l[i, j] = <W_l^a[i], (W_l^b P_{l-1}^T)[j]> + b_l^a[i] b_l^b[j]
+                    + <W_{l+1}^a[:, i], (P_{l+1} W_{l+1}^b)[:, j]>,
     a linear assignment problem (scipy's `linear_sum_assignment`). Layers are visited in a random order each
     sweep; it stops when a sweep changes no P_l. Returns the permutations of theta_b and
     {"sweeps", "objective" (per sweep)}."""
@@ -145,7 +148,8 @@ def weight_matching(pa: Params, pb: Params, max_sweeps: int = 100, seed: int = 0
 def activation_matching(pa: Params, pb: Params, x: torch.Tensor) -> list[torch.Tensor]:
     """Activation matching: for each hidden layer, the permutation of theta_b's units maximising
     sum_i <z_i^a, z_{P(i)}^b> over the data x (post-ReLU activations, each unit standardised: a correlation).
-    Each layer is independent of the others (relabelling earlier layers does not change a unit's activations)."""
+    Each layer is independent of the others (relabelling earlier layers does not change a unit's
+    activations)."""
     _, ha = forward(pa, x, return_hidden=True)
     _, hb = forward(pb, x, return_hidden=True)
     perms = []
@@ -156,7 +160,7 @@ def activation_matching(pa: Params, pb: Params, x: torch.Tensor) -> list[torch.T
     return perms
 
 
-# -- loss along the line and barriers -------------------------------------------------------------------------------
+# -- loss along the line and barriers ------------------------------------------------------------------------
 @torch.no_grad()
 def loss_acc(p: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of the MLP p on (x, y)."""
@@ -181,7 +185,7 @@ def barrier(values, lams, higher_is_worse: bool = True) -> float:
     return float(gap.max() if higher_is_worse else (-gap).max())
 
 
-# -- singular-vector analysis ---------------------------------------------------------------------------------------
+# -- singular-vector analysis --------------------------------------------------------------------------------
 def svd(W: torch.Tensor):
     """Thin SVD in float64: (U, sigma, V) with W = U diag(sigma) V^T, sigma descending."""
     U, s, Vh = torch.linalg.svd(W.to(torch.float64), full_matrices=False)
@@ -189,8 +193,9 @@ def svd(W: torch.Tensor):
 
 
 def component_agreement(Wa: torch.Tensor, Wb: torch.Tensor, k: int | None = None) -> torch.Tensor:
-    """For each of the top-k rank-one components sigma_i u_i v_i^T of W_a, the best |cosine| with a component of
-    W_b:  s_i = max_j |<u_i^a, u_j^b>| |<v_i^a, v_j^b>|  (= |<u_i^a v_i^a^T, u_j^b v_j^b^T>_F|; sign-free)."""
+    """For each of the top-k rank-one components sigma_i u_i v_i^T of W_a, the best |cosine| with a component
+    of W_b:  s_i = max_j |<u_i^a, u_j^b>| |<v_i^a, v_j^b>|
+    (= |<u_i^a v_i^a^T, u_j^b v_j^b^T>_F|; sign-free)."""
     Ua, _, Va = svd(Wa)
     Ub, _, Vb = svd(Wb)
     k = k or Ua.shape[1]
@@ -209,9 +214,10 @@ def singular_agreement(Wa: torch.Tensor, Wb: torch.Tensor, k: int = 10) -> float
 
 def alignment_ratio(Wa: torch.Tensor, Wb: torch.Tensor) -> float:
     """<W_a, W_b>_F / sum_i sigma_i^a sigma_i^b in [-1, 1]. Writing both SVDs,
-    <W_a, W_b>_F = sum_{i,j} sigma_i^a sigma_j^b <u_i^a, u_j^b><v_i^a, v_j^b>, and von Neumann's trace inequality
-    bounds it by sum_i sigma_i^a sigma_i^b, reached iff the singular vectors coincide in order. Permutations cannot
-    change the sigmas, so WM can raise this layer's term only by aligning singular vectors."""
+    <W_a, W_b>_F = sum_{i,j} sigma_i^a sigma_j^b <u_i^a, u_j^b><v_i^a, v_j^b>, and von Neumann's trace
+    inequality bounds it by sum_i sigma_i^a sigma_i^b, reached iff the singular vectors coincide in order.
+    Permutations cannot change the sigmas, so WM can raise this layer's term only by aligning singular
+    vectors."""
     _, sa, _ = svd(Wa)
     _, sb, _ = svd(Wb)
     return float((Wa.to(torch.float64) * Wb.to(torch.float64)).sum() / (sa * sb).sum())
@@ -228,11 +234,11 @@ def truncate_params(p: Params, r: int) -> Params:
     return {k: (truncate(v, min(r, min(v.shape))) if k.startswith("W") else v.clone()) for k, v in p.items()}
 
 
-# -- multi-model merging --------------------------------------------------------------------------------------------
+# -- multi-model merging -------------------------------------------------------------------------------------
 def align_all(reference: Params, others: Sequence[Params], method: str = "wm", x: torch.Tensor | None = None,
               seed: int = 0) -> list[Params]:
-    """Every model of `others` permuted onto `reference` ("wm": weight matching, "am": activation matching on x,
-    "naive": unchanged)."""
+    """Every model of `others` permuted onto `reference` ("wm": weight matching, "am": activation matching
+    on x, "naive": unchanged)."""
     out = []
     for i, q in enumerate(others):
         if method == "naive":
@@ -248,6 +254,7 @@ def align_all(reference: Params, others: Sequence[Params], method: str = "wm", x
     return out
 
 
-def merge(models: Sequence[Params], method: str = "wm", x: torch.Tensor | None = None, seed: int = 0) -> Params:
+def merge(models: Sequence[Params], method: str = "wm", x: torch.Tensor | None = None,
+          seed: int = 0) -> Params:
     """Average of models[0] and models[1:] aligned to it (the first model is the reference)."""
     return average([models[0], *align_all(models[0], models[1:], method, x, seed)])
