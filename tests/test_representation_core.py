@@ -79,14 +79,26 @@ def test_dirichlet_clients_partition_and_skew():
     assert np.mean(skew) > 2 * np.mean(even)
 
 
-def test_simplex_etf_geometry():
-    w = nets.simplex_etf(10, 32, seed=3)
+@pytest.mark.parametrize("dim", [9, 10, 32])   # 9 = C - 1: the d-simplex
+def test_simplex_etf_geometry(dim):
+    w = nets.simplex_etf(10, dim, seed=3)
+    assert w.shape == (10, dim)
     gram = w @ w.T
     assert torch.allclose(torch.diagonal(gram), torch.ones(10), atol=1e-5)
     off = gram[~torch.eye(10, dtype=bool)]
     assert torch.allclose(off, torch.full_like(off, -1 / 9), atol=1e-5)
+    assert torch.allclose(w.sum(0), torch.zeros(dim), atol=1e-5)   # the vertices are centred
     with pytest.raises(ValueError):
-        nets.simplex_etf(10, 5)
+        nets.simplex_etf(10, 8)
+
+
+def test_pathological_clients_see_few_classes():
+    y = torch.arange(10).repeat(60)
+    parts = rdata.pathological_clients(y, 10, 2, seed=0)
+    assert sorted(torch.cat(parts).tolist()) == list(range(600))
+    assert all(len(torch.unique(y[p])) <= 2 for p in parts) and all(len(p) == 60 for p in parts)
+    with pytest.raises(ValueError):
+        rdata.pathological_clients(y, 400, 2)
 
 
 def test_expanding_head_keeps_old_rows():

@@ -1,5 +1,6 @@
 """Data for the representation family: tabular sets shipped by sklearn, graded image corruptions, and the
-split builders (class-incremental tasks, long-tailed subsampling, label noise, federated clients).
+split builders (class-incremental tasks, long-tailed subsampling, label noise, federated clients: Dirichlet
+or FedAvg's pathological shards).
 
 Images are sklearn digits from `alignlab.data.digits`: (N, 1, 8, 8) in [-1, 1] with the shared fixed split.
 Every random function takes a `seed` and draws from its own generator.
@@ -148,3 +149,17 @@ def dirichlet_clients(y: torch.Tensor, n_clients: int, alpha: float, seed: int =
         if min(len(p) for p in parts) >= min_size:
             return [torch.tensor(sorted(p), dtype=torch.long) for p in parts]
     raise ValueError(f"no split with >= {min_size} samples per client after 100 draws; lower min_size")
+
+
+def pathological_clients(y: torch.Tensor, n_clients: int, classes_per_client: int, seed: int = 0) -> list[torch.Tensor]:
+    """Federated label skew as in FedAvg's "pathological non-IID" split: the samples, sorted by label, are cut
+    into n_clients * classes_per_client equal shards and each client gets `classes_per_client` random shards
+    (so it sees at most that many classes)."""
+    n_shards = n_clients * classes_per_client
+    if n_clients < 1 or classes_per_client < 1 or n_shards > len(y):
+        raise ValueError("need n_clients >= 1, classes_per_client >= 1 and at most one shard per sample")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.argsort(y * len(y) + torch.randperm(len(y), generator=g))  # by label, random within a label
+    shards = torch.tensor_split(order, n_shards)
+    pick = torch.randperm(n_shards, generator=g).view(n_clients, classes_per_client)
+    return [torch.cat([shards[int(s)] for s in row]).sort().values for row in pick]

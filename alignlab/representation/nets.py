@@ -89,11 +89,15 @@ class FixedLinear(nn.Module):
 
 
 def simplex_etf(n_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """(C, d) simplex equiangular tight frame: unit rows with pairwise cosine -1/(C-1), in a random
-    C-dimensional subspace of R^d: W = sqrt(C/(C-1)) (I - 11^T/C) U^T with U (d, C) orthonormal."""
-    if dim < n_classes:
-        raise ValueError(f"a simplex ETF of {n_classes} classes needs dim >= {n_classes}, got {dim}")
-    g = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(dim, n_classes, generator=g))
+    """(C, d) simplex equiangular tight frame: unit rows with pairwise cosine -1/(C-1), placed in a random
+    (C-1)-dimensional subspace of R^d, so any d >= C - 1 works (d = C - 1 is the fixed "d-simplex" classifier).
+    The Gram matrix is M = C/(C-1) (I - 11^T/C); its rank-(C-1) square root gives the rows."""
+    if n_classes < 2 or dim < n_classes - 1:
+        raise ValueError(f"a simplex of {n_classes} classes needs n_classes >= 2 and dim >= {n_classes - 1}, got {dim}")
     c = n_classes
-    return math.sqrt(c / (c - 1)) * (torch.eye(c) - torch.full((c, c), 1 / c)) @ u.T
+    gram = c / (c - 1) * (torch.eye(c, dtype=torch.float64) - 1.0 / c)
+    evals, evecs = torch.linalg.eigh(gram)                       # one zero eigenvalue (the all-ones direction)
+    roots = evecs[:, 1:] * evals[1:].clamp_min(0).sqrt()         # C x (C-1), roots @ roots.T = gram
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, c - 1, generator=g, dtype=torch.float64))
+    return (roots @ basis.T).float()
