@@ -115,6 +115,7 @@ _REPRODUCED = {
     "clam": "silhouette_by_dataset",
     "conala_mining": "pr_curves",
     "lmc_weight_matching": "barrier_and_alignment",
+    "awp_ctc": "latency_vs_error",
     "noc_noise_aware_captioning": "accuracy_by_bucket",
 }
 
