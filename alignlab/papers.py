@@ -117,6 +117,7 @@ _REPRODUCED = {
     "lmc_weight_matching": "barrier_and_alignment",
     "awp_ctc": "latency_vs_error",
     "noc_noise_aware_captioning": "accuracy_by_bucket",
+    "kd_norm_direction": "norm_and_accuracy",
 }
 
 PAPERS: dict[str, Paper] = {
