@@ -80,3 +80,39 @@ def test_rlhf_and_dpo_and_rs_move_the_policy(w):
     pol = lm.frozen_copy(ref).requires_grad_(True)
     d = outer.rejection_sampling_sft(pol, w, lambda x, y: w.gold(x, y), 8, 3, 2, batch=4)
     assert d["rm_calls"] == 24 and len(d["responses"]) == 8
+
+
+def test_spurious_cue_prompts(w):
+    cues = [int(ids[-1]) for ids in w.topic_ids]
+    c = outer.spurious_cue_prompts(w, 200, "correlated", cue_only=0.5, seed=3)
+    s = outer.spurious_cue_prompts(w, 200, "shifted", cue_only=0.5, seed=3)
+    d = outer.spurious_cue_prompts(w, 2000, "decorrelated", seed=3)
+    for p in (c, s, d):
+        assert all(x[-1] == w.sep_id and x[:4] == p.ids[0][:4] for x in p.ids)
+    # correlated: the cue (just before <sep>) names the prompt's topic; shifted: another topic, same base prompt
+    assert all(x[-2] == cues[k] for x, k in zip(c.ids, c.topic))
+    assert all(x[-2] != cues[k] and w.topic_of[x[-2]] != k for x, k in zip(s.ids, s.topic))
+    assert np.array_equal(c.topic, s.topic) and all(a[:-2] == b[:-2] for a, b in zip(c.ids, s.ids))
+    # cue_only rows keep no topic word but the cue; the others keep theirs; harmful requests survive
+    n_topic_words = np.array([np.sum(w.topic_of[np.array(x[:-2])] >= 0) for x in c.ids])
+    assert 0.35 < np.mean(n_topic_words == 0) < 0.65 and set(n_topic_words) <= {0, 2, 3}
+    assert all(x[-3] == r for x, r, h in zip(c.ids, c.request, c.harmful) if h)
+    # decorrelated: the cue's topic is independent of the prompt's topic (agreement ~ 1/n_topics)
+    agree = np.mean([w.topic_of[x[-2]] == k for x, k in zip(d.ids, d.topic)])
+    assert abs(agree - 1 / w.config.n_topics) < 0.04
+    assert np.allclose(w.gold(c, [[cues[0], w.eos_id]] * 200), w.gold(s, [[cues[0], w.eos_id]] * 200))
+
+
+def test_rlhf_prompt_fn(w):
+    torch.manual_seed(0)
+    ref = lm.frozen_copy(lm.build_tiny_lm(w.vocab_size, n_positions=w.max_len + 4))
+    pol = lm.frozen_copy(ref).requires_grad_(True)
+    seen = []
+
+    def prompt_fn(n, rng):
+        seen.append(outer.spurious_cue_prompts(w, n, "correlated", rng=rng))
+        return seen[-1]
+
+    logs = outer.rlhf_reinforce(pol, ref, w, lambda x, y: (seen[-1].repeat(2).topic == x.topic) * 1.0, 2, 0.1,
+                                prompts_per_step=3, group=2, prompt_fn=prompt_fn)
+    assert len(seen) == 2 and len(seen[0]) == 3 and logs[0]["reward"] == 1.0

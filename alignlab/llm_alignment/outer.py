@@ -17,6 +17,9 @@ instance each.
 - Judges for scalable oversight: a partial-view **weak judge** that scores only the first half of a response
   and a
   **decomposed judge** that scores both halves separately and sums (`judge_scores`).
+- Inner alignment, goal misgeneralisation: prompts carrying a spurious **cue word** whose topic agrees with the
+  prompt's topic in training and is moved to another topic at test time (`spurious_cue_prompts`; RLHF on them
+  through `rlhf_reinforce(..., prompt_fn=...)`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from .. import train as base_train
 from . import dual, lm, losses
 
 __all__ = ["response_features", "LinearRewardModel", "fit_reward_model", "rlhf_reinforce",
-           "rejection_sampling_sft", "tilted_weights", "tilted_stats", "judge_scores", "split_halves"]
+           "rejection_sampling_sft", "tilted_weights", "tilted_stats", "judge_scores", "split_halves",
+           "spurious_cue_prompts"]
 
 
 def response_features(world, prompts, responses) -> torch.Tensor:
@@ -88,17 +92,18 @@ def fit_reward_model(world, prompts, ya, yb, a_preferred, steps: int = 300, lr: 
 
 
 def rlhf_reinforce(policy, ref, world, reward_fn, steps: int, beta: float, *, prompts_per_step: int = 16,
-                   group: int = 4, lr: float = 1e-3, seed: int = 0) -> list[dict]:
+                   group: int = 4, lr: float = 1e-3, seed: int = 0, prompt_fn=None) -> list[dict]:
     r"""RLHF with REINFORCE + RLOO (in place on `policy`): each step samples `group` responses for
     `prompts_per_step` fresh prompts, shapes $\tilde r = r - \beta(\log\pi(y) - \log\pi_{ref}(y))$
     (`losses.kl_penalised_rewards`), takes leave-one-out advantages and minimises `losses.pg_loss` (token-mean
-    scaled). `reward_fn(prompts, responses) -> np.ndarray`. Returns per-step logs (reward, kl)."""
+    scaled). `reward_fn(prompts, responses) -> np.ndarray`; `prompt_fn(n, rng) -> Prompts` replaces the world's
+    prompt sampler (e.g. `spurious_cue_prompts`). Returns per-step logs (reward, kl)."""
     g = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     logs = []
     for step in range(steps):
-        p = world.sample_prompts(prompts_per_step, rng=g)
+        p = world.sample_prompts(prompts_per_step, rng=g) if prompt_fn is None else prompt_fn(prompts_per_step, g)
         s = lm.sample(policy, p.ids, n=group, generator=gen, eos_id=world.eos_id,
                       max_new_tokens=world.config.max_resp_len + 1)
         r = torch.as_tensor(reward_fn(p.repeat(group), s["responses"]), dtype=torch.float32)
@@ -175,3 +180,27 @@ def judge_scores(world, prompts, responses, judge: str = "gold") -> np.ndarray:
     if judge == "decomposed":
         return world.gold(prompts, first) + world.gold(prompts, second)
     raise ValueError(f"judge must be 'gold', 'weak' or 'decomposed', got {judge!r}")
+
+
+def spurious_cue_prompts(world, n: int, mode: str, *, cue_only: float = 0.0, cue_ids=None, rng=None,
+                         seed=None):
+    r"""`n` prompts carrying a spurious cue: the cue word of topic $k_c$ (`cue_ids[k_c]`, default the last word of
+    each topic) is put just before `<sep>`. `mode`: "correlated" ($k_c$ = the prompt's topic), "decorrelated"
+    ($k_c$ uniform over topics) or "shifted" ($k_c$ uniform over the OTHER topics). On a fraction `cue_only` of
+    the prompts the prompt's own topic words are removed, so the cue is its only hint of the topic. Labels
+    (`topic`, `harmful`, `request`) are unchanged: the gold score still reads the prompt's topic. The same
+    `seed` gives the same base prompts and the same `cue_only` rows in every mode."""
+    if mode not in ("correlated", "decorrelated", "shifted"):
+        raise ValueError(f"mode must be 'correlated', 'decorrelated' or 'shifted', got {mode!r}")
+    g = world.rng(rng, seed)
+    T = world.config.n_topics
+    cue_ids = [int(ids[-1]) for ids in world.topic_ids] if cue_ids is None else [int(c) for c in cue_ids]
+    p = world.sample_prompts(n, rng=g)
+    only = g.random(n) < cue_only
+    off = g.integers(0, T, n) if mode == "decorrelated" else g.integers(1, T, n) if T > 1 else np.zeros(n, int)
+    k_c = off if mode == "decorrelated" else (p.topic + (off if mode == "shifted" else 0)) % T
+    ids = []
+    for x, k, o in zip(p.ids, k_c, only):
+        body = [t for t in x[4:-1] if world.topic_of[t] < 0] if o else x[4:-1]
+        ids.append([*x[:4], *body, cue_ids[k], x[-1]])
+    return type(p)(ids, p.topic, p.harmful, p.request)
