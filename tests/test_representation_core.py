@@ -129,6 +129,15 @@ def test_parameter_groups_get_their_own_learning_rate():
     assert all(torch.equal(a, b) for a, b in zip(body0, net.body.parameters()))
 
 
+def test_small_cnn_learns_digits():
+    x, y = data.digits("train")
+    xt, yt = data.digits("test")
+    net = nets.SmallCNN(width=8, emb_dim=32)
+    assert net.features(x[:5]).shape == (5, 32)
+    loops.fit_supervised(net, x, y, 200, seed=0, progress=False)
+    assert loops.evaluate(net, xt, yt)["acc"] > 0.9
+
+
 def test_conv1d_net_shapes():
     net = nets.Conv1DNet(40, 8, 16, 10)
     assert net(torch.randn(5, 40)).shape == (5, 10) and net.features(torch.randn(5, 40)).shape == (5, 16)

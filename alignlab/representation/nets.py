@@ -31,6 +31,29 @@ class MLP(nn.Module):
         return self.head(self.features(x))
 
 
+class SmallCNN(nn.Module):
+    """For 8x8 digit images (N, 1, 8, 8): two 3x3 convolutions (+ BatchNorm) with a 2x2 pool between, then a
+    Linear to `emb_dim` features."""
+
+    def __init__(self, in_ch: int = 1, width: int = 16, emb_dim: int = 64, n_classes: int = 10, side: int = 8,
+                 bn: bool = True):
+        super().__init__()
+
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), *([nn.BatchNorm2d(c_out)] if bn else []), nn.ReLU()]
+
+        self.body = nn.Sequential(*block(in_ch, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.Flatten(),
+                                  nn.Linear(2 * width * (side // 2) ** 2, emb_dim), nn.ReLU())
+        self.feature_dim = emb_dim
+        self.head = nn.Linear(emb_dim, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 class Conv1DNet(nn.Module):
     """For MNIST-1D signals (N, L): three strided 1-D convolutions, then a Linear to `emb_dim` features."""
 
