@@ -10,7 +10,21 @@ import torch
 from torch import nn
 
 
-class MLP(nn.Module):
+class Backbone(nn.Module):
+    """A feature extractor `body` (to `feature_dim` features) followed by a linear `head`; subclasses build both."""
+
+    body: nn.Module
+    head: nn.Module
+    feature_dim: int
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class MLP(Backbone):
     """Flatten, then Linear (+ BatchNorm) + ReLU blocks of `widths`; the last width is the feature dimension.
     `head` is a Linear to `n_classes` (or any module set later)."""
 
@@ -24,14 +38,8 @@ class MLP(nn.Module):
         self.feature_dim = d
         self.head = nn.Linear(d, n_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-class SmallCNN(nn.Module):
+class SmallCNN(Backbone):
     """For 8x8 digit images (N, 1, 8, 8): two 3x3 convolutions (+ BatchNorm) with a 2x2 pool between, then a
     Linear to `emb_dim` features."""
 
@@ -47,14 +55,8 @@ class SmallCNN(nn.Module):
         self.feature_dim = emb_dim
         self.head = nn.Linear(emb_dim, n_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-class Conv1DNet(nn.Module):
+class Conv1DNet(Backbone):
     """For MNIST-1D signals (N, L): three strided 1-D convolutions, then a Linear to `emb_dim` features."""
 
     def __init__(self, length: int = 40, width: int = 32, emb_dim: int = 64, n_classes: int = 10):
@@ -68,12 +70,6 @@ class Conv1DNet(nn.Module):
                                   nn.ReLU())
         self.feature_dim = emb_dim
         self.head = nn.Linear(emb_dim, n_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 class ExpandingHead(nn.Module):
